@@ -110,4 +110,5 @@ def test_exercise_cells_follow_the_template():
         for ex in list_exercises(chapter=path.stem):
             m = re.search(rf'^(\w+) = check\("{ex.id}", (\w+)\)$', source, re.M)
             assert m and m[1] == m[2], f"{path.name}: no check line for {ex.id}"
+            assert f'show_solution("{ex.id}")' in source, f"{path.name}: no show_solution for {ex.id}"
         assert source.count("raise NotImplementedError") == len(list_exercises(chapter=path.stem))
