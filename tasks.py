@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The book's two commands (they need nothing but Python 3.10+):
+"""The book's two commands (they need nothing but Python 3.11+):
 
     python3 tasks.py build   # installs what it needs, executes every chapter, builds the HTML book
     python3 tasks.py test    # installs what it needs, runs the whole test suite (smoke profile)
@@ -80,6 +80,9 @@ COMMANDS = {"build": build, "test": test}
 def main() -> int:
     if len(sys.argv) != 2 or sys.argv[1] not in COMMANDS:
         print(__doc__)
+        return 2
+    if sys.version_info < (3, 11):
+        print(f"Python 3.11 以上が必要です（いまは {sys.version.split()[0]}）。", file=sys.stderr)
         return 2
     ensure_environment()
     ensure_dependencies()

@@ -1,6 +1,7 @@
 """Grade a saved chapter notebook in strict mode.
 
     python -m solutions.grade book/01_transformer.ipynb [--profile smoke] [--timeout 600]
+    python -m solutions.grade --list      # every registered exercise
 
 The notebook is executed with ``BOOK_STRICT=1`` (a failing or missing answer raises in its
 cell and execution goes on with the next cell) and ``BOOK_GRADE_LOG`` (every ``check``
@@ -51,10 +52,17 @@ def grade(path: Path, profile: str = "smoke", timeout: int = 600) -> tuple[list[
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="章のノートブックを厳格モードで採点します。")
-    parser.add_argument("notebook", type=Path)
+    parser.add_argument("notebook", type=Path, nargs="?")
+    parser.add_argument("--list", action="store_true", help="登録されている演習の一覧を表示します")
     parser.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "gpu"])
     parser.add_argument("--timeout", type=int, default=600, help="セルごとの制限時間（秒）")
     args = parser.parse_args(argv)
+    if args.list:
+        for ex in list_exercises():
+            print(f"{ex.chapter:<16} {ex.id:<32} {ex.title}")
+        return 0
+    if args.notebook is None:
+        parser.error("ノートブックを指定してください（一覧は --list）")
     if not args.notebook.is_file():
         print(f"ノートブックが見つかりません: {args.notebook}", file=sys.stderr)
         return 2

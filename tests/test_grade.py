@@ -64,3 +64,11 @@ def test_the_chapter_as_shipped_grades_as_unanswered():
 
 def test_missing_notebook_exit_code(tmp_path):
     assert grade(tmp_path / "nope.ipynb").returncode == 2
+
+
+def test_list_prints_every_exercise():
+    result = subprocess.run([sys.executable, "-m", "solutions.grade", "--list"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0
+    for ex in list_exercises():
+        assert ex.id in result.stdout and ex.title in result.stdout
