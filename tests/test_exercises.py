@@ -73,9 +73,13 @@ def sdpa_scale_by_d(q, k, v, mask=None):
     return w @ v, w
 
 
-def sdpa_in_place(q, k, v, mask=None):
-    q.div_(math.sqrt(q.size(-1)))  # mutates the caller's tensor
-    return tr.scaled_dot_product_attention(q * math.sqrt(q.size(-1)) / math.sqrt(q.size(-1)), k, v, mask)
+def sdpa_in_place(q, k, v, mask=None):  # right values, but it scales the caller's q in place
+    q.div_(math.sqrt(q.size(-1)))
+    scores = q @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -1e9)
+    w = scores.softmax(-1)
+    return w @ v, w
 
 
 def sdpa_returns_scores(q, k, v, mask=None):
