@@ -124,6 +124,12 @@ def _where_in_readers_code(exc: BaseException) -> str:
     return ""
 
 
+def _raised_by_missing_forward(exc: BaseException) -> bool:
+    """True when torch raised it because the module has no ``forward`` (e.g. ``def foward``)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].name == "_forward_unimplemented"
+
+
 def _run_tests(ex: Exercise, answer) -> Verdict:
     total = len(ex.tests)
 
@@ -148,11 +154,14 @@ def _run_tests(ex: Exercise, answer) -> Verdict:
     for passed, (description, test) in enumerate(ex.tests):
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(1234 + passed)
+                torch.default_generator.manual_seed(1234 + passed)  # CPU only: CUDA streams untouched
                 test(answer, ex.reference)
         except CheckFailed as e:
             return verdict(FAIL, f"「{description}」で不合格: {e}", passed)
-        except NotImplementedError:
+        except NotImplementedError as e:
+            if _raised_by_missing_forward(e):
+                return verdict(FAIL, "forward メソッドが見つかりません。`def forward(self, ...)` の綴りと"
+                                     "インデント（クラスの中にあるか）を確認してください。", passed)
             return verdict(MISSING, "まだ実装されていません（NotImplementedError が送出されました）。", passed)
         except Exception as e:  # an exception inside the reader's code
             where = _where_in_readers_code(e)
@@ -238,10 +247,13 @@ def _describe(x) -> str:
     return f"{type(x).__name__} 型の値"
 
 
-def expect_tensor(x, name: str, shape=None, dtype=None) -> torch.Tensor:
-    """``x`` must be a finite tensor of the given shape and dtype."""
+def expect_tensor(x, name: str, shape=None, dtype=None, device=None) -> torch.Tensor:
+    """``x`` must be a finite tensor of the given shape, dtype and device (type)."""
     if not isinstance(x, torch.Tensor):
         raise CheckFailed(f"{name} はテンソルのはずですが、{_describe(x)} が返りました。")
+    if device is not None and x.device.type != torch.device(device).type:
+        raise CheckFailed(f"{name} は {torch.device(device).type} 上にあるはずですが、{x.device} 上にあります。"
+                          "入力と同じデバイス（device 引数があればそのデバイス）に作ってください。")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise CheckFailed(f"{name} の shape は {tuple(shape)} のはずですが、{tuple(x.shape)} でした。")
     if dtype is not None and x.dtype != dtype:
@@ -262,7 +274,7 @@ def expect_tuple(x, name: str, length: int) -> tuple:
 
 def expect_close(actual: torch.Tensor, expected: torch.Tensor, name: str, atol=1e-5, rtol=1e-4, hint=""):
     """``actual`` must equal ``expected`` up to the tolerance; the message shows where it differs."""
-    expect_tensor(actual, name, shape=expected.shape)
+    expect_tensor(actual, name, shape=expected.shape, device=expected.device)
     actual_f = actual.detach().to(torch.float64)
     expected_f = expected.detach().to(torch.float64)
     diff = (actual_f - expected_f).abs()

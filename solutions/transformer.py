@@ -43,7 +43,9 @@ def scaled_dot_product_attention(q, k, v, mask=None):
     d = q.size(-1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (..., T_q, T_k)
     if mask is not None:
-        # The most negative finite value: exp() gives exactly 0, and unlike -1e9 it fits fp16.
+        # The most negative finite value: unlike -1e9 it fits fp16, and where a row keeps at least
+        # one key, exp() gives exactly 0 for the masked ones. (A row with every key masked gets
+        # uniform weights; F.scaled_dot_product_attention returns zeros there.)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)  # each row sums to 1 over the keys
     return weights @ v, weights
@@ -61,7 +63,7 @@ def sinusoidal_positional_encoding(max_len, d_model):
     angle = pos / 10000 ** (two_i / d_model)  # (max_len, d_model/2)
     pe = torch.zeros(max_len, d_model)
     pe[:, 0::2] = torch.sin(angle)
-    pe[:, 1::2] = torch.cos(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])  # an odd d_model has one sin more than cos
     return pe
 
 
@@ -221,7 +223,7 @@ def make_addition_corpus(max_operand=99, val_fraction=0.2, train_repeats=4, seed
 
 def get_batch(ids, batch_size, block_size, generator=None, device="cpu"):
     """Random windows: x = ids[i : i+T], y = ids[i+1 : i+T+1], both (B, T)."""
-    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator)
+    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)
     x = torch.stack([ids[s:s + block_size] for s in starts])
     y = torch.stack([ids[s + 1:s + block_size + 1] for s in starts])
     return x.to(device), y.to(device)
@@ -303,6 +305,7 @@ def ideal_perplexity(corpus):
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, generator=None):
     """Extend (B, T) ids by sampling (``temperature`` > 0) or greedily (0)."""
+    was_training = model.training
     model.eval()
     idx = prompt_ids
     for _ in range(max_new_tokens):
@@ -312,6 +315,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, generator=None)
         else:
             nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
         idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
     return idx
 
 
@@ -492,10 +496,10 @@ def _attention_variants(q, k, v, mask):
     return variants
 
 
-def _check_attention_case(answer, ref, shape_q, shape_k, mask=None, dtype=torch.float32):
-    q = torch.randn(*shape_q, dtype=dtype)
-    k = torch.randn(*shape_k, dtype=dtype)
-    v = torch.randn(*shape_k, dtype=dtype)
+def _check_attention_case(answer, ref, shape_q, shape_k, mask=None, dtype=torch.float32, d_v=None, device="cpu"):
+    q = torch.randn(*shape_q, dtype=dtype, device=device)
+    k = torch.randn(*shape_k, dtype=dtype, device=device)
+    v = torch.randn(*shape_k[:-1], d_v or shape_k[-1], dtype=dtype, device=device)
     result = call_without_mutation(answer, q, k, v, mask)
     out, weights = expect_tuple(result, "戻り値 (output, weights)", 2)
     ref_out, ref_w = ref(q, k, v, mask)
@@ -549,6 +553,16 @@ def _register_attention():
         _check_attention_case(answer, ref, (1, 1, 1, 5), (1, 1, 1, 5), dtype=torch.float64)
         _check_attention_case(answer, ref, (1, 7, 5), (1, 7, 5), causal_mask(7), dtype=torch.float64)
 
+    @ex.test("バリューの次元がクエリ・キーと違う (d=8, d_v=3)")
+    def _(answer, ref):
+        _check_attention_case(answer, ref, (2, 4, 8), (2, 6, 8), d_v=3)
+
+    @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
+    def _(answer, ref):
+        if torch.cuda.is_available():
+            _check_attention_case(answer, ref, (2, 2, 6, 8), (2, 2, 6, 8), causal_mask(6, device="cuda"),
+                                  device="cuda")
+
 
 def _register_causal_mask():
     ex = register("causal_mask", "因果マスク", chapter=CHAPTER, reference=causal_mask)
@@ -557,7 +571,7 @@ def _register_causal_mask():
     def _(answer, ref):
         for T in (1, 2, 5, 8):
             m = answer(T)
-            expect_tensor(m, f"causal_mask({T})", shape=(T, T), dtype=torch.bool)
+            expect_tensor(m, f"causal_mask({T})", shape=(T, T), dtype=torch.bool, device="cpu")
             expected = ref(T)
             if not torch.equal(m, expected):
                 if torch.equal(m, ~expected):
@@ -570,10 +584,13 @@ def _register_causal_mask():
                     why = f"T={T} で値が違います。期待値:\n{expected.int()}"
                 raise CheckFailed(why)
 
-    @ex.test("device 引数を受け取る")
+    @ex.test("device 引数で指定したデバイスに作る")
     def _(answer, ref):
         m = answer(4, device=torch.device("cpu"))
-        expect_tensor(m, "causal_mask(4, device=cpu)", shape=(4, 4), dtype=torch.bool)
+        expect_tensor(m, "causal_mask(4, device=cpu)", shape=(4, 4), dtype=torch.bool, device="cpu")
+        # "meta" tensors have a shape but no data: any device argument that is passed on shows here.
+        m = answer(4, device="meta")
+        expect_tensor(m, 'causal_mask(4, device="meta")', shape=(4, 4), dtype=torch.bool, device="meta")
 
 
 def _register_positional_encoding():
@@ -618,18 +635,27 @@ def _copy_projections(src, dst):
             d.bias.copy_(s.bias)
 
 
-def _mha_pair(answer, ref, d_model=16, n_heads=4, dropout=0.0):
+def _mha_pair(answer, ref, d_model=16, n_heads=4, dropout=0.0, device="cpu"):
     theirs = answer(d_model, n_heads, dropout=dropout)
     ours = ref(d_model, n_heads, dropout=dropout)
     _copy_projections(ours, theirs)
-    return theirs.eval(), ours.eval()
+    return theirs.to(device).eval(), ours.to(device).eval()
 
 
-def _check_mha_case(answer, ref, B, T_q, T_k, mask=None, self_attention=False):
-    theirs, ours = _mha_pair(answer, ref)
-    query = torch.randn(B, T_q, 16)
-    key = query if self_attention else torch.randn(B, T_k, 16)
-    value = query if self_attention else torch.randn(B, T_k, 16)
+def _heads_not_transposed(mha, query, key, value, mask):
+    """The classic bug: view(B, H, T, d_head) straight away, without transpose(1, 2)."""
+    B, T_q, D = query.shape
+    split = lambda x: x.reshape(B, mha.n_heads, -1, mha.d_head)  # noqa: E731
+    out, _ = scaled_dot_product_attention(split(mha.W_q(query)), split(mha.W_k(key)), split(mha.W_v(value)), mask)
+    candidates = [out.transpose(1, 2).reshape(B, T_q, D), out.reshape(B, T_q, D)]
+    return [mha.W_o(c) for c in candidates]
+
+
+def _check_mha_case(answer, ref, B, T_q, T_k, mask=None, self_attention=False, device="cpu"):
+    theirs, ours = _mha_pair(answer, ref, device=device)
+    query = torch.randn(B, T_q, 16, device=device)
+    key = query if self_attention else torch.randn(B, T_k, 16, device=device)
+    value = query if self_attention else torch.randn(B, T_k, 16, device=device)
     with torch.no_grad():
         result = call_without_mutation(theirs, query, key, value, mask)
         out, w = expect_tuple(result, "戻り値 (output, weights)", 2)
@@ -644,6 +670,11 @@ def _check_mha_case(answer, ref, B, T_q, T_k, mask=None, self_attention=False):
         if torch.allclose(out, added, atol=1e-4) or torch.allclose(out, F.layer_norm(added, (16,)), atol=1e-4):
             raise CheckFailed("出力に入力 query が足されています。MultiHeadAttention の中では残差接続も層正規化もせず、"
                               "ブロックの側で 1 回だけ行います。")
+        with torch.no_grad():
+            if mask is None and any(torch.allclose(out, c, atol=1e-5, rtol=1e-4)
+                                    for c in _heads_not_transposed(ours, query, key, value, mask)):
+                raise CheckFailed("ヘッドの分け方が違います。view(B, T, H, d_head) の後に transpose(1, 2) で "
+                                  "(B, H, T, d_head) にしてください（いきなり view(B, H, T, d_head) にすると位置とヘッドが混ざります）。")
     expect_close(out, ref_out, "output", hint=(
         "よくある原因: view の後の transpose(1, 2) 忘れ（ヘッドの分け方）、ヘッドを結合する前の transpose 忘れ、"
         "d_model ではなく d_head でのスケーリング、W_o の掛け忘れ。"))
@@ -682,6 +713,24 @@ def _register_mha():
     def _(answer, ref):
         _check_mha_case(answer, ref, B=1, T_q=1, T_k=1, self_attention=True)
 
+    @ex.test("dropout=1 の学習モードでは、アテンションの重みがすべて落ちて出力は W_o のバイアスだけになる")
+    def _(answer, ref):
+        theirs, ours = _mha_pair(answer, ref, dropout=1.0)
+        theirs.train()
+        x = torch.randn(2, 5, 16)
+        with torch.no_grad():
+            out, w = expect_tuple(theirs(x, x, x), "戻り値 (output, weights)", 2)
+            expected = ours.W_o.bias.expand(2, 5, 16)
+        expect_close(out, expected, "dropout=1 の学習モードの output",
+                     hint="dropout は softmax 後の重み（出力の計算に使うほう）に self.dropout で掛けます。"
+                          "dropout を使っていないか、重み以外（出力など）に掛けていませんか。")
+
+    @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
+    def _(answer, ref):
+        if torch.cuda.is_available():
+            _check_mha_case(answer, ref, B=2, T_q=6, T_k=6, mask=causal_mask(6, device="cuda"),
+                            self_attention=True, device="cuda")
+
     @ex.test("dropout 引数: 評価モードでは出力を変えず、学習モードでも weights は確率のまま")
     def _(answer, ref):
         theirs, ours = _mha_pair(answer, ref, dropout=0.5)
@@ -700,9 +749,9 @@ def _register_mha():
 def _register_block():
     ex = register("transformer_block", "Pre-LN Transformer ブロック", chapter=CHAPTER, reference=TransformerBlock)
 
-    def pair(answer, ref):
-        theirs = answer(16, 4, 32, dropout=0.0)
-        ours = ref(16, 4, 32, dropout=0.0)
+    def pair(answer, ref, dropout=0.0):
+        theirs = answer(16, 4, 32, dropout=dropout)
+        ours = ref(16, 4, 32, dropout=dropout)
         with torch.no_grad():  # give the norms non-trivial weights so that misplaced norms show
             for p in ours.parameters():
                 p.add_(0.1 * torch.randn_like(p))
@@ -713,9 +762,10 @@ def _register_block():
                               f"コピーして比べます）: {str(e).splitlines()[0]}") from None
         return theirs.eval(), ours.eval()
 
-    def compare(answer, ref, B, T, mask):
+    def compare(answer, ref, B, T, mask, device="cpu"):
         theirs, ours = pair(answer, ref)
-        x = torch.randn(B, T, 16)
+        theirs, ours = theirs.to(device), ours.to(device)
+        x = torch.randn(B, T, 16, device=device)
         with torch.no_grad():
             out = call_without_mutation(theirs, x, mask)
             expected = ours(x, mask)
@@ -733,6 +783,8 @@ def _register_block():
             if torch.allclose(out, normalized_stream, atol=1e-5, rtol=1e-4):
                 raise CheckFailed("残差に足す側まで正規化しています。h = LN(x) はサブ層への入力にだけ使い、"
                                   "足す先は正規化前の x です。")
+            if mask is not None and torch.allclose(out, ours(x, None), atol=1e-5, rtol=1e-4):
+                raise CheckFailed("マスクがアテンションに渡されていません。self.attn(h, h, h, mask) のように渡してください。")
         expect_close(out, expected, "出力", hint="x = x + Attn(LN1(x)) の後に x = x + FFN(LN2(x)) です。"
                      "マスクを self.attn に渡しているかも確認してください。")
 
@@ -747,6 +799,22 @@ def _register_block():
     @ex.test("バッチ 1・長さ 1")
     def _(answer, ref):
         compare(answer, ref, B=1, T=1, mask=None)
+
+    @ex.test("dropout=1 の学習モードでは、2 つのサブ層の出力がすべて落ちて入力がそのまま出る")
+    def _(answer, ref):
+        theirs, _ = pair(answer, ref, dropout=1.0)
+        theirs.train()
+        x = torch.randn(2, 5, 16)
+        with torch.no_grad():
+            out = theirs(x)
+        expect_close(out, x, "dropout=1 の学習モードの出力",
+                     hint="dropout はサブ層の出力（残差に足す直前）にだけ掛けます: x = x + self.dropout(a)。"
+                          "残差の流れ x 自体には掛けません。")
+
+    @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
+    def _(answer, ref):
+        if torch.cuda.is_available():
+            compare(answer, ref, B=2, T=6, mask=causal_mask(6, device="cuda"), device="cuda")
 
 
 _register_attention()

@@ -115,3 +115,21 @@ def test_list_exercises_in_chapter_order():
     assert [ex.id for ex in list_exercises(chapter="01_transformer")] == [
         "scaled_dot_product_attention", "causal_mask", "sinusoidal_positional_encoding",
         "multi_head_attention", "transformer_block"]
+
+
+def test_misspelled_forward_is_a_failure_not_a_missing_answer():
+    class Misspelled(torch.nn.Module):
+        def __init__(self, d_model, n_heads, dropout=0.0):
+            super().__init__()
+            self.W_q, self.W_k, self.W_v, self.W_o = (torch.nn.Linear(d_model, d_model) for _ in range(4))
+
+        def foward(self, query, key, value, mask=None):
+            return tr.MultiHeadAttention.forward(self, query, key, value, mask)
+
+    v = evaluate("multi_head_attention", Misspelled)
+    assert v.status == "fail" and "forward メソッドが見つかりません" in v.message
+
+
+def test_answer_on_the_wrong_device_is_named():
+    v = evaluate("causal_mask", lambda T, device=None: torch.ones(T, T, dtype=torch.bool, device="meta").tril())
+    assert v.status == "fail" and "meta 上にあります" in v.message

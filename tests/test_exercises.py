@@ -101,6 +101,14 @@ def sdpa_float32_always(q, k, v, mask=None):
     return out, w
 
 
+def sdpa_scale_by_v(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1) / math.sqrt(v.size(-1))
+    if mask is not None:
+        s = s.masked_fill(~mask, -1e9)
+    w = s.softmax(-1)
+    return w @ v, w
+
+
 def sdpa_4d_only(q, k, v, mask=None):
     B, H, T, d = q.shape  # breaks on 3-D input
     return tr.scaled_dot_product_attention(q, k, v, mask)
@@ -130,6 +138,10 @@ def mask_inverted(T, device=None):
 
 
 def mask_no_device(T):
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def mask_ignores_device(T, device=None):
     return torch.ones(T, T, dtype=torch.bool).tril()
 
 
@@ -270,6 +282,34 @@ class MHANoBias(MHABase):
     forward = MHAEinsum.forward
 
 
+class MHAIgnoresDropout(MHAEinsum):
+    def __init__(self, d_model, n_heads, dropout=0.0):
+        super().__init__(d_model, n_heads, 0.0)  # the argument is accepted and thrown away
+
+
+class MHADropoutOnOutput(MHAEinsum):
+    def __init__(self, d_model, n_heads, dropout=0.0):
+        super().__init__(d_model, n_heads, 0.0)
+        self.out_drop = nn.Dropout(dropout)
+
+    def forward(self, query, key, value, mask=None):
+        out, w = super().forward(query, key, value, mask)
+        return self.out_drop(out), w
+
+
+class MHAWithFusedSdpa(MHABase):
+    """Correct: F.scaled_dot_product_attention for the output, weights computed for the return value."""
+
+    def forward(self, query, key, value, mask=None):
+        B, Tq, D = query.shape
+        split = lambda x: x.view(B, -1, self.h, self.dk).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.W_q(query)), split(self.W_k(key)), split(self.W_v(value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.drop.p if self.training else 0.0)
+        w = tr.scaled_dot_product_attention(q, k, v, mask)[1]
+        return self.W_o(out.transpose(1, 2).reshape(B, Tq, D)), w
+
+
 class MHASelfOnly(MHABase):
     def forward(self, query, key, value, mask=None):
         return MHAEinsum.forward(self, query, query, query, mask)
@@ -285,11 +325,26 @@ class BlockBase(nn.Module):
         self.attn = tr.MultiHeadAttention(d_model, n_heads, dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = tr.FeedForward(d_model, d_ff, dropout)
+        self.dropout = nn.Dropout(dropout)
 
 
 class BlockCorrectTwoLines(BlockBase):
     def forward(self, x, mask=None):
-        x = x + self.attn(self.ln1(x), self.ln1(x), self.ln1(x), mask)[0]
+        x = x + self.dropout(self.attn(self.ln1(x), self.ln1(x), self.ln1(x), mask)[0])
+        return x + self.dropout(self.ff(self.ln2(x)))  # a second dropout on the FFN branch is harmless
+
+
+class BlockNoDropout(BlockBase):
+    def forward(self, x, mask=None):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, mask)[0]
+        return x + self.ff(self.ln2(x))
+
+
+class BlockDropsTheStream(BlockBase):
+    def forward(self, x, mask=None):
+        h = self.ln1(x)
+        x = self.dropout(x + self.attn(h, h, h, mask)[0])
         return x + self.ff(self.ln2(x))
 
 
@@ -344,7 +399,7 @@ CORRECT = {
     "scaled_dot_product_attention": [sdpa_einsum, sdpa_seed_style],
     "causal_mask": [mask_bool_from_float],
     "sinusoidal_positional_encoding": [pe_loop, pe_seed_style],
-    "multi_head_attention": [MHAEinsum],
+    "multi_head_attention": [MHAEinsum, MHAWithFusedSdpa],
     "transformer_block": [BlockCorrectTwoLines],
 }
 
@@ -362,6 +417,7 @@ WRONG = {
         (sdpa_nan, "NaN"),
         (sdpa_float32_always, "dtype"),
         (sdpa_4d_only, "ValueError"),
+        (sdpa_scale_by_v, "d_v=3"),
     ],
     "causal_mask": [
         (mask_float, "dtype"),
@@ -369,6 +425,7 @@ WRONG = {
         (mask_strict, "対角"),
         (mask_inverted, "逆"),
         (mask_no_device, "TypeError"),
+        (mask_ignores_device, "meta"),
     ],
     "sinusoidal_positional_encoding": [
         (pe_swapped, "sin と cos が逆"),
@@ -378,7 +435,9 @@ WRONG = {
     ],
     "multi_head_attention": [
         (MHASeed, "残差接続"),
-        (MHANoTranspose, "transpose"),
+        (MHANoTranspose, "ヘッドの分け方が違います"),
+        (MHAIgnoresDropout, "dropout を使っていない"),
+        (MHADropoutOnOutput, "dropout=1"),
         (MHAAveragedWeights, "平均せず"),
         (MHAScaleByDModel, "一致しません"),
         (MHANoOutputProjection, "一致しません"),
@@ -391,7 +450,9 @@ WRONG = {
         (BlockPostLN, "Post-LN"),
         (BlockNormalizedStream, "正規化前の x"),
         (BlockNoResidual, "一致しません"),
-        (BlockIgnoresMask, "マスク"),
+        (BlockIgnoresMask, "マスクがアテンションに渡されていません"),
+        (BlockNoDropout, "残差に足す直前"),
+        (BlockDropsTheStream, "dropout=1"),
         (BlockSeedStyle, "一致しません"),
         (BlockRenamed, "構成を変えないで"),
     ],

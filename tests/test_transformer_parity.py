@@ -79,13 +79,14 @@ def test_causal_mask_is_lower_triangular():
     assert all(m[i, j] == (j <= i) for i in range(5) for j in range(5))
 
 
-def test_positional_encoding_matches_the_paper_formula():
-    max_len, d = 40, 12
+@pytest.mark.parametrize("d", [12, 7])  # an odd width too: the seed listing's version crashes there
+def test_positional_encoding_matches_the_paper_formula(d):
+    max_len = 40
     expected = np.zeros((max_len, d))
     for pos in range(max_len):
-        for i in range(d // 2):
-            expected[pos, 2 * i] = math.sin(pos / 10000 ** (2 * i / d))
-            expected[pos, 2 * i + 1] = math.cos(pos / 10000 ** (2 * i / d))
+        for j in range(d):
+            angle = pos / 10000 ** (2 * (j // 2) / d)
+            expected[pos, j] = math.sin(angle) if j % 2 == 0 else math.cos(angle)
     pe = tr.sinusoidal_positional_encoding(max_len, d)
     assert pe.dtype == torch.float32
     np.testing.assert_allclose(pe.numpy(), expected, atol=1e-5)
