@@ -719,7 +719,7 @@ def _register_mha():
         theirs.train()
         x = torch.randn(2, 5, 16)
         with torch.no_grad():
-            out, w = expect_tuple(theirs(x, x, x), "戻り値 (output, weights)", 2)
+            out, _ = expect_tuple(theirs(x, x, x), "戻り値 (output, weights)", 2)
             expected = ours.W_o.bias.expand(2, 5, 16)
         expect_close(out, expected, "dropout=1 の学習モードの output",
                      hint="dropout は softmax 後の重み（出力の計算に使うほう）に self.dropout で掛けます。"
