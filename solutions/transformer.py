@@ -459,7 +459,6 @@ def benchmark_attention(lengths, batch=1, heads=8, d_head=64, device="cpu", dtyp
             "sdpa_mib": peak_memory_mib(fused, device),
             "max_diff": diff,
         })
-        del q, k, v, mask
     return rows
 
 
