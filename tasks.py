@@ -47,8 +47,8 @@ def ensure_dependencies() -> None:
         return
     print("依存パッケージをインストールします（初回は数分かかります）…", flush=True)
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["--upgrade", "pip"], check=True)
-    subprocess.run(pip + ["-e", f"{ROOT}[local,dev]"], check=True)
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[local,dev]"], check=True)
     stamp.touch()
 
 

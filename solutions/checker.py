@@ -22,10 +22,11 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -74,13 +75,15 @@ def register(exercise_id: str, title: str, *, chapter: str, reference) -> Exerci
     return ex
 
 
-# The modules that register exercises, one per chapter.
-CHAPTER_MODULES = ("solutions.transformer",)
+def exercise_modules() -> list[str]:
+    """The modules of ``solutions.exercises``, one per chapter, found on disk."""
+    package = importlib.import_module("solutions.exercises")
+    return sorted(f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__))
 
 
 def _load_all() -> None:
-    """Import every chapter module so that the registry is complete."""
-    for name in CHAPTER_MODULES:
+    """Import every chapter's exercise module so that the registry is complete."""
+    for name in exercise_modules():
         importlib.import_module(name)
 
 
@@ -145,9 +148,8 @@ def _run_tests(ex: Exercise, answer) -> Verdict:
                 f"クラスが必要ですが、{type(answer).__name__} 型の値が渡されました。"
                 "インスタンスではなくクラスそのもの（例: MultiHeadAttention）を渡してください。",
             )
-        if isinstance(ex.reference, type) and issubclass(ex.reference, torch.nn.Module):
-            if not issubclass(answer, torch.nn.Module):
-                return verdict(FAIL, "nn.Module を継承したクラスにしてください。")
+        if issubclass(ex.reference, torch.nn.Module) and not issubclass(answer, torch.nn.Module):
+            return verdict(FAIL, "nn.Module を継承したクラスにしてください。")
     elif not callable(answer) or inspect.isclass(answer):
         return verdict(FAIL, f"関数が必要ですが、{type(answer).__name__} 型の値が渡されました。")
 
@@ -293,10 +295,11 @@ def call_without_mutation(fn, *args, **kwargs):
     tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
     before = [t.detach().clone() for t in tensors]
     result = fn(*args, **kwargs)
-    for i, (t, b) in enumerate(zip(tensors, before)):
+    for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
         if t.shape != b.shape or not torch.equal(t.detach(), b):
             raise CheckFailed(
                 f"{i + 1} 番目の入力テンソルが書き換えられています。"
-                "`div_` や `masked_fill_` などの in-place 操作（末尾が _ のメソッド）を使わず、新しいテンソルを作ってください。"
+                "`div_` や `masked_fill_` などの in-place 操作（末尾が _ のメソッド）を使わず、"
+                "新しいテンソルを作ってください。"
             )
     return result

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from chapters import CHAPTERS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +25,11 @@ def test_strict_build_without_execution(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     html = tmp_path / "_build" / "html"
-    page = (html / "book" / "01_transformer.html").read_text(encoding="utf-8")
-    assert 'lang="ja"' in page
     url = config["repository"]["url"].removeprefix("https://github.com/")
-    assert f"https://colab.research.google.com/github/{url}/blob/main/book/01_transformer.ipynb" in page
+    for chapter in CHAPTERS:  # every chapter page: Japanese, with its own Colab button
+        page = (html / "book" / f"{chapter}.html").read_text(encoding="utf-8")
+        assert 'lang="ja"' in page
+        assert f"https://colab.research.google.com/github/{url}/blob/main/book/{chapter}.ipynb" in page
     assert "copybtn" in (html / "_static" / "copybutton.js").read_text(encoding="utf-8")
     raw = (html / "searchindex.js").read_text(encoding="utf-8")
     terms = json.loads(raw[raw.index("(") + 1: raw.rindex(")")])["terms"]

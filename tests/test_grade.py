@@ -25,8 +25,8 @@ def grade(path):
 
 
 def test_all_reference_answers_pass(tmp_path):
-    cells = ["import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-             "from solutions import check\nfrom solutions.transformer import FeedForward"]
+    cells = [("import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+             "from solutions import check\nfrom solutions.transformer import FeedForward")]
     for ex in list_exercises(chapter="01_transformer"):
         name = ex.reference.__name__
         cells.append(inspect.getsource(ex.reference) + f"\n{name} = check({ex.id!r}, {name})")
@@ -41,10 +41,10 @@ def test_wrong_missing_and_unrun_exercises_fail(tmp_path):
     path = tmp_path / "01_transformer.ipynb"
     write_notebook(path, [
         "import torch\nfrom solutions import check",
-        "def causal_mask(T, device=None):\n    return torch.ones(T, T, dtype=torch.bool).triu()\n"
-        "causal_mask = check('causal_mask', causal_mask)",
-        "def scaled_dot_product_attention(q, k, v, mask=None):\n    raise NotImplementedError\n"
-        "scaled_dot_product_attention = check('scaled_dot_product_attention', scaled_dot_product_attention)",
+        ("def causal_mask(T, device=None):\n    return torch.ones(T, T, dtype=torch.bool).triu()\n"
+        "causal_mask = check('causal_mask', causal_mask)"),
+        ("def scaled_dot_product_attention(q, k, v, mask=None):\n    raise NotImplementedError\n"
+        "scaled_dot_product_attention = check('scaled_dot_product_attention', scaled_dot_product_attention)"),
         "print('execution goes on after a failing check')",
     ])
     result = grade(path)
@@ -54,12 +54,6 @@ def test_wrong_missing_and_unrun_exercises_fail(tmp_path):
     assert "未回答" in lines["scaled_dot_product_attention"]
     assert "未実行" in lines["multi_head_attention"]
     assert "合計: 0 / 5 合格" in result.stdout
-
-
-def test_the_chapter_as_shipped_grades_as_unanswered():
-    result = grade(ROOT / "book" / "01_transformer.ipynb")
-    assert result.returncode == 1
-    assert result.stdout.count("未回答") == 5, result.stdout
 
 
 def test_missing_notebook_exit_code(tmp_path):

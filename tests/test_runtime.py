@@ -7,10 +7,10 @@ import pytest
 import torch
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import solutions  # noqa: E402,F401  (sets the Japanese font)
-from solutions import runtime  # noqa: E402
+import solutions  # noqa: F401  (sets the Japanese font)
+from solutions import runtime
 
 
 @pytest.mark.parametrize("value,expected", [("smoke", "smoke"), ("CPU", "cpu"), (" gpu ", "gpu")])

@@ -49,7 +49,7 @@ def test_attention_matches_torch_sdpa(dtype, mask_kind):
     q = torch.randn(2, 3, 7, 8, dtype=dtype)
     k, v = torch.randn(2, 3, 9, 8, dtype=dtype), torch.randn(2, 3, 9, 8, dtype=dtype)
     if mask_kind == "causal":
-        q, k, v = q, k[..., :7, :], v[..., :7, :]
+        k, v = k[..., :7, :], v[..., :7, :]
         mask = tr.causal_mask(7)
     elif mask_kind == "padding":
         mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)

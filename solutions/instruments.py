@@ -1,0 +1,195 @@
+"""Measuring instruments every chapter shares: time, memory, activations, gradients, curves.
+
+    from solutions.instruments import time_ms, peak_memory_mib, record_outputs, plot_curve
+
+Each works on the CPU and on CUDA alike, so a chapter's cell measures the same thing on a
+reader's laptop, in the tests and on a Colab GPU. Chapters import these; none re-implements
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+# =======================================================================================
+# Time and memory
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; the CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device="cpu", repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls.
+
+    On CUDA the device is synchronized before the clock starts and before it stops, so the
+    time covers the kernels and not only their launch.
+    """
+    if repeats < 1:
+        raise ValueError("repeats は 1 以上にしてください")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the C++ profiler's start/stop lines, which bypass Python's sys.stderr."""
+    try:
+        fd = os.dup(2)
+    except OSError:  # no usable stderr (some notebook front ends): nothing to silence
+        yield
+        return
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+def peak_memory_mib(fn: Callable[[], object], device="cpu") -> float:
+    """Peak memory (MiB) that ``fn()`` allocates beyond what was already allocated.
+
+    On CUDA: the caching allocator's peak. On the CPU: the running sum of the allocations and
+    frees that the PyTorch profiler records, in time order (tensors only; Python objects and
+    library workspaces outside PyTorch's allocator are not counted).
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+# =======================================================================================
+# Activations and gradients
+
+
+@contextlib.contextmanager
+def record_outputs(modules: dict[str, nn.Module]):
+    """Record each module's output (detached; a tuple stays a tuple) during the ``with`` body.
+
+    The last call of a module wins. Hooks are removed on exit, also after an exception.
+    """
+    store: dict[str, object] = {}
+    handles = []
+    for name, module in modules.items():
+        def hook(mod, args, out, name=name):
+            store[name] = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def activation_stats(x: torch.Tensor) -> dict[str, float]:
+    """Mean, standard deviation, RMS and largest absolute value of one activation tensor."""
+    x = x.detach().float()
+    return {"mean": x.mean().item(), "std": x.std().item(), "rms": x.pow(2).mean().sqrt().item(),
+            "max_abs": x.abs().max().item()}
+
+
+def gradient_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of every parameter tensor, keyed by its name."""
+    return {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def module_gradient_norm(module: nn.Module) -> float:
+    """L2 norm of the gradients of all of a module's parameters taken together."""
+    return math.sqrt(sum(p.grad.norm().item() ** 2 for p in module.parameters() if p.grad is not None))
+
+
+def block_gradient_norms(model) -> list[float]:
+    """One gradient norm per block: of ``model.blocks``, or of a sequence of modules."""
+    blocks = model.blocks if hasattr(model, "blocks") else model
+    return [module_gradient_norm(block) for block in blocks]
+
+
+# =======================================================================================
+# Several seeds and training curves
+
+
+def mean_and_spread(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of results over seeds."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("値がありません")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_mean_spread(values: Iterable[float], fmt: str = ".3f") -> str:
+    """'0.912 ± 0.004 (n=3)': how the book reports a result over several seeds."""
+    values = list(values)
+    mean, spread = mean_and_spread(values)
+    return f"{mean:{fmt}} ± {spread:{fmt}} (n={len(values)})"
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    y = np.asarray(values, dtype=float)
+    if window <= 1 or y.size == 0:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    idx = np.arange(1, y.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_curve(ax, x, ys, label=None, *, reference=None, reference_label=None, smoothing: int = 1,
+               color=None, **line_kwargs):
+    """Draw a training curve on ``ax``, with its spread over seeds and a reference.
+
+    ``ys`` is one run (a sequence) or several seeds' runs of the same length (seeds × points):
+    then the mean is drawn as a line and the band spans the lowest to the highest run.
+    ``reference`` is a number (a dashed line: a baseline, a bound, a target return) or a pair
+    ``(low, high)`` (a shaded band: an acceptable range). Returns the mean curve.
+    """
+    runs = np.atleast_2d(np.asarray(ys, dtype=float))
+    x = np.asarray(x, dtype=float)
+    if runs.shape[1] != x.size:
+        raise ValueError(f"x の長さ {x.size} と曲線の長さ {runs.shape[1]} が違います")
+    runs = np.stack([smooth(r, smoothing) for r in runs])
+    mean = runs.mean(0)
+    (line,) = ax.plot(x, mean, label=label, color=color, **line_kwargs)
+    if runs.shape[0] > 1:
+        ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+    if reference is not None:
+        if np.ndim(reference) == 0:
+            ax.axhline(float(reference), color="gray", ls="--", lw=1, label=reference_label)
+        else:
+            low, high = reference
+            ax.axhspan(float(low), float(high), color="gray", alpha=0.15, label=reference_label)
+    return mean

@@ -1,0 +1,142 @@
+"""What every chapter listed in _toc.yml must satisfy; a new chapter is enrolled by its toc line.
+
+Pairing with lessons_src/, Colab metadata and the first cell, the exercise template, the
+registry against the notebook's check(...) calls, a strict run with every exercise answered
+by its reference, and grading of the notebook as shipped. (nbval runs every notebook of
+book/ in the smoke profile; test_toc_and_book_agree keeps that set equal to the toc's.)
+"""
+
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+
+import jupytext
+import nbformat
+import pytest
+import tomllib
+import yaml
+from nbclient import NotebookClient
+
+from chapters import CHAPTERS, ROOT, notebook_path, source_path, toc_files
+from solutions import list_exercises
+from solutions.checker import exercise_modules
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+CHECK_LINE = re.compile(r'^(\w+) = check\("(\w+)", (\w+)\)$', re.M)
+ANY_CHECK = re.compile(r'\bcheck\(\s*["\'](\w+)["\']')
+
+
+def code(chapter) -> str:
+    nb = nbformat.read(notebook_path(chapter), as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def cells(path):
+    return [(c.cell_type, c.source.strip()) for c in jupytext.read(path).cells]
+
+
+def test_toc_and_book_agree():
+    """Every listed file exists; every chapter notebook and source is listed (so nbval runs only toc chapters)."""
+    for f in toc_files():
+        assert (ROOT / f).with_suffix(".ipynb").exists() or (ROOT / f).with_suffix(".md").exists(), f
+    assert CHAPTERS, "_toc.yml lists no chapter"
+    assert sorted(p.stem for p in (ROOT / "book").glob("[0-9][0-9]_*.ipynb")) == sorted(CHAPTERS)
+    assert sorted(p.stem for p in (ROOT / "lessons_src").glob("*.md")) == sorted(CHAPTERS)
+
+
+def test_every_exercise_module_belongs_to_a_toc_chapter():
+    """solutions/exercises/<topic>.py is found on disk, names its chapter, and registers only for it."""
+    modules = exercise_modules()
+    assert "solutions.exercises.transformer" in modules
+    for name in modules:
+        module = importlib.import_module(name)
+        assert module.CHAPTER in CHAPTERS, f"{name}: CHAPTER = {module.CHAPTER!r} is not in _toc.yml"
+    assert {ex.chapter for ex in list_exercises()} <= set(CHAPTERS)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_paired_and_in_sync(chapter):
+    src, nb = source_path(chapter), notebook_path(chapter)
+    assert src.exists() and nb.exists(), chapter
+    assert cells(src) == cells(nb), f"{src.name} と {nb.name} が違います: jupytext --sync を実行してください"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_stored_without_outputs_and_opens_with_a_gpu_on_colab(chapter):
+    nb = nbformat.read(notebook_path(chapter), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{chapter} has outputs"
+    assert nb.metadata["accelerator"] == "GPU"
+    assert nb.metadata["colab"]["gpuType"]
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_first_code_cell_installs_this_repository_on_colab_only(chapter):
+    url = CONFIG["repository"]["url"]
+    nb = nbformat.read(notebook_path(chapter), as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code").source
+    assert 'if "google.colab" in sys.modules:' in first
+    assert re.findall(r'REPO = "([^"]+)"', first) == [url]
+    assert "git+{REPO}.git@" in first
+    assert f"{PYPROJECT['project']['name']} @" in first
+    second = [c for c in nb.cells if c.cell_type == "code"][1].source
+    assert re.search(r"^rt = setup\(", second, re.M), "the second code cell is the settings cell: rt = setup(...)"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_no_myst_directives_inside_notebooks(chapter):
+    """Colab shows MyST directives as raw text: notebooks use plain CommonMark."""
+    for cell in nbformat.read(notebook_path(chapter), as_version=4).cells:
+        if cell.cell_type == "markdown":
+            assert not re.search(r"^(```|:::)\{", cell.source, re.M)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_registered_exercises_and_the_notebooks_checks_agree(chapter):
+    """Each registered exercise: a skeleton, name = check("id", name), show_solution("id"); no other check."""
+    source = code(chapter)
+    registered = [ex.id for ex in list_exercises(chapter=chapter)]
+    assert len(registered) >= 3, f"{chapter}: the chapter standard asks for at least three checked exercises"
+    for exercise in registered:
+        lines = [m for m in CHECK_LINE.finditer(source) if m[2] == exercise]
+        assert lines and all(m[1] == m[3] for m in lines), f"{chapter}: no `name = check({exercise!r}, name)`"
+        assert f'show_solution("{exercise}")' in source, f"{chapter}: no show_solution for {exercise}"
+    assert set(ANY_CHECK.findall(source)) == set(registered), "check(...) names an exercise of another chapter"
+    assert source.count("raise NotImplementedError") == len(registered)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_runs_on_answered_exercises_in_strict_mode(chapter, monkeypatch):
+    """Each skeleton replaced by the reference's source in the notebook's own namespace, so later
+    cells use the reader's objects (not the fallback), as they would on Colab."""
+    nb = nbformat.read(notebook_path(chapter), as_version=4)
+    answers = {ex.id: inspect.getsource(ex.reference) for ex in list_exercises(chapter=chapter)}
+    answered = set()
+    for cell in nb.cells:
+        m = CHECK_LINE.search(cell.source)
+        if cell.cell_type == "code" and m and "raise NotImplementedError" in cell.source:
+            cell.source = answers[m[2]] + "\n\n" + cell.source[m.start():]
+            answered.add(m[2])
+    assert answered == set(answers)
+    monkeypatch.setenv("BOOK_STRICT", "1")
+    monkeypatch.setenv("BOOK_PROFILE", "smoke")
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "book")}}).execute()  # raises on any error
+    verdicts = [o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                if o.output_type == "stream" and "正解です" in o.text]
+    assert len(verdicts) == len(answers)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_as_shipped_grades_as_unanswered(chapter):
+    result = subprocess.run([sys.executable, "-m", "solutions.grade", str(notebook_path(chapter))],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    n = len(list_exercises(chapter=chapter))
+    assert result.stdout.count("未回答") == n, result.stdout
+    assert f"合計: 0 / {n} 合格" in result.stdout
