@@ -245,7 +245,7 @@ def show_solution(exercise_id: str) -> None:
 
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
-        return f"テンソル shape={tuple(x.shape)}, dtype={x.dtype}"
+        return f"形状 {tuple(x.shape)}・dtype {x.dtype} のテンソル"
     return f"{type(x).__name__} 型の値"
 
 
@@ -257,13 +257,13 @@ def expect_tensor(x, name: str, shape=None, dtype=None, device=None) -> torch.Te
         raise CheckFailed(f"{name} は {torch.device(device).type} 上にあるはずですが、{x.device} 上にあります。"
                           "入力と同じデバイス（device 引数があればそのデバイス）に作ってください。")
     if shape is not None and tuple(x.shape) != tuple(shape):
-        raise CheckFailed(f"{name} の shape は {tuple(shape)} のはずですが、{tuple(x.shape)} でした。")
+        raise CheckFailed(f"{name} の形状は {tuple(shape)} のはずですが、{tuple(x.shape)} でした。")
     if dtype is not None and x.dtype != dtype:
         raise CheckFailed(f"{name} の dtype は {dtype} のはずですが、{x.dtype} でした。")
     if x.is_floating_point() and not torch.isfinite(x).all():
         bad = "NaN" if torch.isnan(x).any() else "inf"
         raise CheckFailed(
-            f"{name} に {bad} が含まれています。マスクの埋め値や 0 による割り算を確認してください。"
+            f"{name} に {bad} が含まれています。マスクした位置に入れる値や、0 による割り算を確認してください。"
         )
     return x
 

@@ -9,6 +9,7 @@ recording) in ``solutions/instruments.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .instruments import peak_memory_mib, time_ms
+from .instruments import block_gradient_norms, peak_memory_mib, time_ms
 
 # =======================================================================================
 # Reference answers
@@ -134,31 +135,144 @@ class PostLNBlock(TransformerBlock):
 
 
 class CausalTransformerLM(nn.Module):
-    """Token embedding + sinusoidal positions → Pre-LN blocks → LayerNorm → logits.
+    """Token embedding + positions → Pre-LN blocks → LayerNorm → logits.
 
     ``block_cls`` lets the chapter build the model from the reader's own block.
+    ``positions``: ``"sinusoidal"`` (fixed, section 4) or ``"learned"`` (an ``nn.Embedding``
+    per position, as in GPT-2).
     """
 
     def __init__(self, vocab_size, d_model, n_heads, n_layers, d_ff, max_len, dropout=0.0,
-                 block_cls=TransformerBlock):
+                 block_cls=TransformerBlock, positions="sinusoidal"):
         super().__init__()
         self.max_len = max_len
         self.tok_emb = nn.Embedding(vocab_size, d_model)  # N(0, 1) init: same scale as the PE
-        self.register_buffer("pe", sinusoidal_positional_encoding(max_len, d_model), persistent=False)
+        if positions == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_positional_encoding(max_len, d_model), persistent=False)
+        elif positions == "learned":
+            self.pos_emb = nn.Embedding(max_len, d_model)
+        else:
+            raise ValueError(f"positions は 'sinusoidal' か 'learned' です（{positions!r} が渡されました）")
         self.register_buffer("mask", causal_mask(max_len), persistent=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout)  # dropout on the embeddings
         self.blocks = nn.ModuleList(block_cls(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
+    def position(self, start, T):  # (T, d_model): the encodings of positions start .. start+T-1
+        if hasattr(self, "pos_emb"):
+            return self.pos_emb(torch.arange(start, start + T, device=self.pos_emb.weight.device))
+        return self.pe[start:start + T]
+
     def forward(self, idx):  # idx: (B, T) token ids -> logits (B, T, vocab)
         T = idx.size(1)
         assert self.max_len >= T, f"系列長 {T} が max_len={self.max_len} を超えています"
-        x = self.drop(self.tok_emb(idx) + self.pe[:T])  # (B, T, d_model)
+        x = self.drop(self.tok_emb(idx) + self.position(0, T))  # (B, T, d_model)
         mask = self.mask[:T, :T]  # (T, T): the model never sees the future
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln_f(x))
+
+
+@contextlib.contextmanager
+def ablate_heads(model, heads):
+    """Switch heads off inside the ``with`` body: ``heads = {block index: [head, ...]}``.
+
+    A head's output is zeroed where the heads are concatenated, just before ``W_o``; this works
+    for any attention module with ``W_o`` and ``n_heads`` (the reader's too).
+    """
+    handles = []
+    for i, hs in heads.items():
+        attn = model.blocks[i].attn
+        d_head = attn.W_o.in_features // attn.n_heads
+
+        def zero(module, args, hs=tuple(hs), d_head=d_head):
+            x = args[0].clone()  # (B, T, d_model): the heads side by side
+            for h in hs:
+                x[..., h * d_head:(h + 1) * d_head] = 0
+            return (x,)
+
+        handles.append(attn.W_o.register_forward_pre_hook(zero))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# =======================================================================================
+# Generation with a KV cache
+
+
+def block_forward_cached(block, x, cache):
+    """One Pre-LN block on the new positions x (B, T_new, d) given the cached keys/values.
+
+    The same computation as ``TransformerBlock.forward`` in eval mode, but the keys and values
+    of earlier positions come from ``cache`` (a dict filled here) instead of being recomputed.
+    It uses only the parts the exercise fixes (ln1, attn.W_q/W_k/W_v/W_o, ln2, ff), so it runs
+    on the reader's block as well.
+    """
+    attn = block.attn
+    B, T_new, d_model = x.shape
+    H = attn.n_heads
+    d_head = d_model // H
+
+    def split(t):  # (B, T, d_model) -> (B, H, T, d_head)
+        return t.view(B, -1, H, d_head).transpose(1, 2)
+
+    h = block.ln1(x)
+    q, k, v = split(attn.W_q(h)), split(attn.W_k(h)), split(attn.W_v(h))
+    if "k" in cache:
+        k = torch.cat([cache["k"], k], dim=2)  # (B, H, T_past + T_new, d_head)
+        v = torch.cat([cache["v"], v], dim=2)
+    cache["k"], cache["v"] = k, v
+    T_all = k.size(2)
+    # Query i (absolute position T_all - T_new + i) may see keys 0 .. T_all - T_new + i: the causal
+    # mask aligned to the bottom right. (is_causal=True would align it top left: wrong here.)
+    mask = torch.ones(T_new, T_all, dtype=torch.bool, device=x.device).tril(T_all - T_new)
+    out, _ = scaled_dot_product_attention(q, k, v, mask)
+    x = x + attn.W_o(out.transpose(1, 2).reshape(B, T_new, d_model))
+    return x + block.ff(block.ln2(x))
+
+
+def supports_kv_cache(model) -> bool:
+    """The cached path reproduces Pre-LN blocks only (a Post-LN block orders its parts differently)."""
+    return isinstance(model, CausalTransformerLM) and all(
+        not isinstance(b, PostLNBlock) and all(hasattr(b, n) for n in ("ln1", "attn", "ln2", "ff"))
+        for b in model.blocks)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, generator=None, use_cache=True):
+    """Extend (B, T) ids greedily (``temperature`` = 0) or by sampling from softmax(logits / temperature).
+
+    With ``use_cache`` (and a sequence that fits in ``max_len``), each step feeds only the new
+    token and reuses the keys and values of the earlier ones (a KV cache); otherwise each step
+    runs the model on the whole (last ``max_len`` tokens of the) sequence again.
+    """
+    was_training = model.training
+    model.eval()
+    idx = prompt_ids
+    cached = use_cache and supports_kv_cache(model) and prompt_ids.size(1) + max_new_tokens <= model.max_len
+    caches = [{} for _ in model.blocks]
+    new = idx  # the tokens the model has not seen yet
+    for _ in range(max_new_tokens):
+        if cached:
+            start = idx.size(1) - new.size(1)
+            x = model.tok_emb(new) + model.position(start, new.size(1))
+            for block, cache in zip(model.blocks, caches, strict=True):
+                x = block_forward_cached(block, x, cache)
+            logits = model.head(model.ln_f(x[:, -1]))  # (B, vocab)
+        else:
+            logits = model(idx[:, -model.max_len:])[:, -1]  # (B, vocab)
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+        new = nxt
+    model.train(was_training)
+    return idx
 
 
 # =======================================================================================
@@ -169,13 +283,18 @@ class CausalTransformerLM(nn.Module):
 class AdditionCorpus:
     chars: list[str]
     train_ids: torch.Tensor  # (N_train,) int64, every training line concatenated
-    val_ids: torch.Tensor  # (N_val,) int64, lines whose (a, b) never occur in training
+    val_ids: torch.Tensor  # (N_val,) int64, lines whose pair occurs in training in neither order
     val_pairs: list[tuple[int, int]]
     max_operand: int
+    reverse_sum: bool = False  # the sum written least significant digit first ("37+85=221")
 
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
+
+    @property
+    def newline(self) -> int:
+        return self.chars.index("\n")
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor([self.chars.index(c) for c in text], dtype=torch.long)
@@ -184,17 +303,26 @@ class AdditionCorpus:
         return "".join(self.chars[int(i)] for i in ids)
 
 
-def make_addition_corpus(max_operand=99, val_fraction=0.2, train_repeats=4, seed=0) -> AdditionCorpus:
-    """Every sum a+b with 0 <= a, b <= max_operand, one per line; pairs split train/val.
+def make_addition_corpus(max_operand=99, val_fraction=0.2, train_repeats=4, seed=0,
+                         reverse_sum=False) -> AdditionCorpus:
+    """Every sum a+b with 0 <= a, b <= max_operand, one per line, split into train and validation.
 
-    The training stream repeats the training lines ``train_repeats`` times, each time in a
-    new random order, so that a random window sees many different neighbours.
+    The split is over unordered pairs {a, b}: a held-out pair is held out in both orders, so no
+    validation sum can be answered by having seen its commuted twin. The training stream repeats
+    the training lines ``train_repeats`` times, each time in a new random order, so that a random
+    window sees many different neighbours. ``reverse_sum`` writes each sum's digits in reverse.
     """
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    rng.shuffle(pairs)
-    n_val = int(len(pairs) * val_fraction)
-    val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]
+    n = max_operand + 1
+    unordered = [(a, b) for a in range(n) for b in range(a, n)]
+    rng.shuffle(unordered)
+    n_val = round(len(unordered) * val_fraction)
+
+    def both_orders(ps):
+        return [(a, b) for a, b in ps] + [(b, a) for a, b in ps if a != b]
+
+    val_pairs, train_pairs = both_orders(unordered[:n_val]), both_orders(unordered[n_val:])
+    rng.shuffle(val_pairs)
     chars = list("0123456789+=\n")
 
     def stream(ps, repeats):
@@ -202,14 +330,19 @@ def make_addition_corpus(max_operand=99, val_fraction=0.2, train_repeats=4, seed
         for _ in range(repeats):
             ps = ps[:]
             rng.shuffle(ps)
-            lines += [f"{a}+{b}={a + b}\n" for a, b in ps]
+            lines += [f"{a}+{b}={answer_text(a + b, reverse_sum)}\n" for a, b in ps]
         return "".join(lines)
 
     def ids(text):
         return torch.tensor([chars.index(c) for c in text], dtype=torch.long)
 
     return AdditionCorpus(chars, ids(stream(train_pairs, train_repeats)), ids(stream(val_pairs, 1)),
-                          val_pairs, max_operand)
+                          val_pairs, max_operand, reverse_sum)
+
+
+def answer_text(total, reverse=False):
+    """How a sum is written in the corpus: '122', or '221' with ``reverse``."""
+    return str(total)[::-1] if reverse else str(total)
 
 
 def get_batch(ids, batch_size, block_size, generator=None, device="cpu"):
@@ -220,48 +353,74 @@ def get_batch(ids, batch_size, block_size, generator=None, device="cpu"):
     return x.to(device), y.to(device)
 
 
+def lines_with_context(ids, newline, max_lines=None):
+    """Each complete line as (x, y): x = newline + line[:-1], y = line (the newline included).
+
+    So every character of a line is predicted with the whole line before it in view, and
+    nothing from the line before (which says nothing about this one).
+    """
+    ends = (ids == newline).nonzero().flatten().tolist()
+    starts = [0, *[e + 1 for e in ends[:-1]]]
+    pairs = []
+    for s, e in zip(starts, ends, strict=True):
+        line = ids[s:e + 1]
+        pairs.append((torch.cat([ids.new_tensor([newline]), line[:-1]]), line))
+    return pairs[:max_lines]
+
+
 @torch.no_grad()
-def evaluate_loss(model, ids, block_size, device="cpu", max_windows=None, batch_size=256):
-    """Mean next-token cross-entropy (nats) over consecutive windows of ``ids``."""
+def evaluate_loss(model, corpus, device="cpu", split="val", max_lines=None):
+    """Mean next-character cross-entropy (nats) over the split's lines, each with its whole line as context."""
     was_training = model.training
     model.eval()
-    n = (len(ids) - 1) // block_size
-    if max_windows is not None:
-        n = min(n, max_windows)
-    x = ids[: n * block_size].view(n, block_size)
-    y = ids[1: n * block_size + 1].view(n, block_size)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(x[i:i + batch_size].to(device))
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].flatten().to(device),
-                                 reduction="sum").item()
+    ids = corpus.val_ids if split == "val" else corpus.train_ids
+    by_length: dict[int, list] = {}
+    for x, y in lines_with_context(ids, corpus.newline, max_lines):
+        by_length.setdefault(len(x), []).append((x, y))
+    total, count = 0.0, 0
+    for group in by_length.values():
+        x = torch.stack([p[0] for p in group]).to(device)
+        y = torch.stack([p[1] for p in group]).to(device)
+        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
     model.train(was_training)
-    return total / (n * block_size)
+    return total / count
 
 
 def train_lm(model, corpus, steps, batch_size, block_size, lr, device="cpu", eval_every=100,
-             eval_windows=200, seed=0, log=print):
-    """AdamW with linear warm-up then cosine decay; returns the loss history."""
+             eval_lines=500, seed=0, log=print, warmup_steps=None, clip_norm=1.0, weight_decay=0.01):
+    """AdamW, a linear warm-up then cosine decay of the learning rate; returns the loss history.
+
+    ``warmup_steps``: steps of the linear warm-up (default: 5 % of ``steps``; 0 switches it off).
+    ``clip_norm``: the largest global gradient norm (None switches clipping off).
+    """
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
+
+    def lr_factor(s):  # s = 0, 1, ...: the factor of the step about to be taken
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+        return min((s + 1) / warmup, cosine) if warmup > 0 else cosine
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(seed)
-    history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    history = {"step": [], "lr": [], "train_loss": [], "grad_norm": [], "val_step": [], "val_loss": []}
     start = time.perf_counter()
     for step in range(1, steps + 1):
         x, y = get_batch(corpus.train_ids, batch_size, block_size, gen, device)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        max_norm = float("inf") if clip_norm is None else clip_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the norm before clipping
+        history["lr"].append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
         history["step"].append(step)
         history["train_loss"].append(loss.item())
+        history["grad_norm"].append(grad_norm.item())
         if step % eval_every == 0 or step == steps:
-            val = evaluate_loss(model, corpus.val_ids, block_size, device, max_windows=eval_windows)
+            val = evaluate_loss(model, corpus, device, max_lines=eval_lines)
             history["val_step"].append(step)
             history["val_loss"].append(val)
             if log:
@@ -272,47 +431,39 @@ def train_lm(model, corpus, steps, batch_size, block_size, lr, device="cpu", eva
 
 
 def bigram_perplexity(corpus, smoothing=1.0):
-    """Validation perplexity of a count-based bigram model (add-``smoothing``) fit on train."""
+    """Validation perplexity of a count-based bigram model (add-``smoothing``) fit on train.
+
+    Scored on the same (x, y) pairs as ``evaluate_loss``: each line's first character is
+    predicted from the newline before it.
+    """
     V = corpus.vocab_size
     counts = torch.full((V, V), float(smoothing))
     counts.index_put_((corpus.train_ids[:-1], corpus.train_ids[1:]), torch.ones(len(corpus.train_ids) - 1),
                       accumulate=True)
     logp = (counts / counts.sum(1, keepdim=True)).log()
-    nll = -logp[corpus.val_ids[:-1], corpus.val_ids[1:]].mean()
-    return math.exp(nll.item())
+    pairs = lines_with_context(corpus.val_ids, corpus.newline)
+    x = torch.cat([p[0] for p in pairs])
+    y = torch.cat([p[1] for p in pairs])
+    return math.exp(-logp[x, y].mean().item())
 
 
 def ideal_perplexity(corpus):
-    """The best any model can do: operands are uniform, everything else is determined.
+    """Perplexity of the ideal model on the validation lines under ``evaluate_loss``.
 
-    Each line carries log((max_operand+1)^2) nats of surprise (its two operands); the
-    separators, the sum and the newline cost nothing to a model that can add.
+    The ideal model knows the rule and that every pair (a, b) is equally likely, as in the
+    process that generated the data. A line is fixed by its pair, so the model pays exactly
+    -ln P(a, b) = ln((max_operand+1)^2) nats for a whole line, whatever the split into
+    characters: the operands' digits carry the surprise; '+', '=', the sum and the newline
+    cost nothing. Per character that is ln((max_operand+1)^2) · lines / characters. No model
+    has a lower expected loss on lines drawn from that process (it is their entropy).
     """
-    n = corpus.max_operand + 1
-    mean_chars = sum(len(f"{a}+{b}={a + b}\n") for a in range(n) for b in range(n)) / n**2
-    return math.exp(2 * math.log(n) / mean_chars)
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, generator=None):
-    """Extend (B, T) ids by sampling (``temperature`` > 0) or greedily (0)."""
-    was_training = model.training
-    model.eval()
-    idx = prompt_ids
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.max_len:])[:, -1]  # (B, vocab)
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
-    model.train(was_training)
-    return idx
+    n_lines = int((corpus.val_ids == corpus.newline).sum())
+    return math.exp(n_lines * 2 * math.log(corpus.max_operand + 1) / len(corpus.val_ids))
 
 
 @torch.no_grad()
 def addition_accuracy(model, corpus, n=500, device="cpu"):
-    """Share of held-out sums that greedy decoding gets exactly right, and some examples."""
+    """Share of held-out sums (neither order seen in training) that greedy decoding gets exactly right."""
     pairs = corpus.val_pairs[:n]
     by_len: dict[int, list[tuple[int, int]]] = {}
     for a, b in pairs:
@@ -324,11 +475,32 @@ def addition_accuracy(model, corpus, n=500, device="cpu"):
         out = generate(model, prompts, answer_len)[:, length + 1:]
         for (a, b), ids in zip(group, out.cpu(), strict=True):
             text = corpus.decode(ids).split("\n")[0]
-            ok = text == str(a + b)
+            expected = answer_text(a + b, corpus.reverse_sum)
+            ok = text == expected
             correct += ok
             if len(examples) < 8:
-                examples.append(f"{a}+{b}={text}" + ("" if ok else f"  （正解 {a + b}）"))
+                examples.append(f"{a}+{b}={text}" + ("" if ok else f"  （正解 {expected}）"))
     return correct / len(pairs), examples
+
+
+# =======================================================================================
+# Pre-LN and Post-LN at initialisation
+
+
+def init_gradient_norms(block_cls, depth, seeds=(0, 1, 2), device="cpu", d_model=64, n_heads=4, vocab=16, T=64,
+                        batch=8):
+    """Gradient norm of every block of a freshly initialised LM after one backward pass on random tokens.
+
+    Returns a (len(seeds), depth) tensor: one row per seed, one column per block (input side first).
+    """
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        m = CausalTransformerLM(vocab, d_model, n_heads, depth, 4 * d_model, T, block_cls=block_cls).to(device)
+        idx = torch.randint(vocab, (batch, T + 1), device=device)
+        F.cross_entropy(m(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        rows.append(block_gradient_norms(m))
+    return torch.tensor(rows)
 
 
 # =======================================================================================
@@ -337,19 +509,19 @@ def addition_accuracy(model, corpus, n=500, device="cpu"):
 
 @torch.no_grad()
 def benchmark_attention(lengths, batch=1, heads=8, d_head=64, device="cpu", dtype=torch.float32,
-                        repeats=5):
-    """Causal attention, naive (our function) vs ``F.scaled_dot_product_attention``.
+                        repeats=5, attention=scaled_dot_product_attention):
+    """Causal attention: ``attention`` (the naive one of exercise 1) vs ``F.scaled_dot_product_attention``.
 
-    Returns one dict per length: times (ms), peak memory (MiB), speed-up, max difference.
+    The fused side gets ``is_causal=True`` and no mask tensor (an explicit ``attn_mask`` rules
+    out the FlashAttention kernel on a GPU). Returns one dict per length: times (ms), peak
+    memory (MiB), speed-up, max difference.
     """
     rows = []
     for T in lengths:
         q, k, v = (torch.randn(batch, heads, T, d_head, device=device, dtype=dtype) for _ in range(3))
         mask = causal_mask(T, device=device)
-
-        naive = functools.partial(scaled_dot_product_attention, q, k, v, mask)
+        naive = functools.partial(attention, q, k, v, mask)
         fused = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
-
         diff = (naive()[0] - fused()).abs().max().item()
         t_naive, t_fused = time_ms(naive, device, repeats), time_ms(fused, device, repeats)
         rows.append({

@@ -25,7 +25,7 @@ def test_pass_returns_the_readers_object(capsys):
     (tr.MultiHeadAttention, "関数が必要ですが"),
     (lambda T, device=None: 1 / 0, "ZeroDivisionError"),
     (lambda T, device=None: torch.full((T, T), float("nan")), "dtype"),
-    (lambda T, device=None: torch.ones(T + 1, T, dtype=torch.bool).tril(), "shape"),
+    (lambda T, device=None: torch.ones(T + 1, T, dtype=torch.bool).tril(), "形状"),
     (lambda T, device=None: [[True]], "テンソルのはず"),
 ])
 def test_bad_input_falls_back_to_the_reference_with_a_japanese_message(answer, phrase, capsys):

@@ -79,6 +79,25 @@ def test_causal_mask_is_lower_triangular():
     assert all(m[i, j] == (j <= i) for i in range(5) for j in range(5))
 
 
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_causal_mask_matches_torch_generate_square_subsequent_mask(T):
+    """PyTorch's float mask has -inf where attending is forbidden and 0 where it is allowed."""
+    theirs = nn.Transformer.generate_square_subsequent_mask(T)
+    assert torch.equal(tr.causal_mask(T), theirs == 0)
+    assert torch.isneginf(theirs[~tr.causal_mask(T)]).all()
+
+
+def test_is_causal_aligns_the_mask_top_left():
+    """With fewer queries than keys (a KV cache), is_causal=True is not the causal mask we need."""
+    q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    bottom_right = torch.ones(2, 5, dtype=torch.bool).tril(5 - 2)  # queries are positions 3 and 4
+    ours, _ = tr.scaled_dot_product_attention(q, k, v, bottom_right)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=bottom_right))
+    top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(top_left, tr.scaled_dot_product_attention(q, k, v, tr.causal_mask(5)[:2])[0])
+    assert not torch.allclose(top_left, ours)
+
+
 @pytest.mark.parametrize("d", [12, 7])  # an odd width too: the seed listing's version crashes there
 def test_positional_encoding_matches_the_paper_formula(d):
     max_len = 40
@@ -184,3 +203,88 @@ def test_benchmark_agrees_and_measures_memory():
     # The naive version materializes (T, T) score matrices: 16x more at 4x the length.
     assert rows[1]["naive_mib"] > 8 * rows[0]["naive_mib"] > 0
     assert rows[1]["sdpa_mib"] < rows[1]["naive_mib"] / 4
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+def test_kv_cache_generation_equals_recomputing_the_prefix(positions):
+    torch.manual_seed(0)
+    lm = tr.CausalTransformerLM(13, 32, 4, 2, 64, 40, positions=positions)
+    prompt = torch.randint(13, (3, 5))
+    assert tr.supports_kv_cache(lm)
+    greedy = tr.generate(lm, prompt, 30, use_cache=True)
+    torch.testing.assert_close(greedy, tr.generate(lm, prompt, 30, use_cache=False), rtol=0, atol=0)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    sampled = tr.generate(lm, prompt, 30, temperature=1.0, generator=g1)
+    assert torch.equal(sampled, tr.generate(lm, prompt, 30, temperature=1.0, generator=g2, use_cache=False))
+    assert lm.training  # generate restores the mode it found
+
+
+def test_kv_cache_step_matches_the_full_forward():
+    """Logits of the last position from the cached path equal the full forward's, position by position."""
+    torch.manual_seed(0)
+    lm = tr.CausalTransformerLM(13, 32, 4, 3, 64, 40).eval()
+    idx = torch.randint(13, (2, 12))
+    caches = [{} for _ in lm.blocks]
+    with torch.no_grad():
+        full = lm(idx)
+        for t in range(idx.size(1)):
+            x = lm.tok_emb(idx[:, t:t + 1]) + lm.position(t, 1)
+            for block, cache in zip(lm.blocks, caches, strict=True):
+                x = tr.block_forward_cached(block, x, cache)
+            torch.testing.assert_close(lm.head(lm.ln_f(x[:, -1])), full[:, t], atol=1e-5, rtol=1e-4)
+
+
+def test_post_ln_models_generate_without_the_cache():
+    lm = tr.CausalTransformerLM(13, 16, 2, 2, 32, 30, block_cls=tr.PostLNBlock)
+    assert not tr.supports_kv_cache(lm)
+    prompt = torch.randint(13, (2, 4))
+    assert tr.generate(lm, prompt, 6).shape == (2, 10)
+
+
+def test_ablating_a_head_zeroes_its_slice_before_w_o():
+    torch.manual_seed(0)
+    lm = tr.CausalTransformerLM(13, 32, 4, 2, 64, 20).eval()
+    idx = torch.randint(13, (2, 9))
+    attn = lm.blocks[1].attn
+    seen = {}
+    handle = attn.W_o.register_forward_hook(lambda m, args, out: seen.setdefault("in", args[0].clone()))
+    with torch.no_grad(), tr.ablate_heads(lm, {1: [2]}):
+        ablated = lm(idx)
+    handle.remove()
+    assert (seen["in"][..., 16:24] == 0).all() and (seen["in"][..., :16] != 0).any()
+    with torch.no_grad():
+        assert not torch.allclose(ablated, lm(idx))  # the head mattered
+        with tr.ablate_heads(lm, {}):
+            torch.testing.assert_close(lm(idx), lm(idx))
+    assert not attn.W_o._forward_pre_hooks  # removed on exit
+
+
+def test_learned_positions_are_parameters_and_unknown_kinds_fail():
+    lm = tr.CausalTransformerLM(13, 16, 2, 1, 32, 10, positions="learned")
+    assert lm.pos_emb.weight.shape == (10, 16) and lm.pos_emb.weight.requires_grad
+    with pytest.raises(ValueError, match="positions"):
+        tr.CausalTransformerLM(13, 16, 2, 1, 32, 10, positions="rotary")
+
+
+def test_benchmark_times_the_attention_it_is_given():
+    calls = []
+
+    def counting(q, k, v, mask=None):
+        calls.append(q.shape)
+        return tr.scaled_dot_product_attention(q, k, v, mask)
+
+    tr.benchmark_attention([32], heads=1, d_head=8, repeats=1, attention=counting)
+    assert len(calls) >= 3  # the comparison, the warm-up and the timed call (and the memory run)
+
+
+def test_post_ln_gradients_at_init_are_larger_and_the_gap_grows_with_depth():
+    """What section 5 reports: Pre-LN's per-block gradient is flat in depth, Post-LN's is larger."""
+    pre = [tr.init_gradient_norms(tr.TransformerBlock, L).mean(0) for L in (2, 16)]
+    post = [tr.init_gradient_norms(tr.PostLNBlock, L).mean(0) for L in (2, 16)]
+    assert (post[1] > pre[1]).all()
+    ratio_shallow, ratio_deep = post[0][-1] / pre[0][-1], post[1][-1] / pre[1][-1]
+    assert ratio_deep > 1.3 * ratio_shallow
+    assert pre[1].max() / pre[1].min() < 1.6  # roughly the same at every layer position
+    pre32, post32 = (tr.init_gradient_norms(cls, 32).mean(0) for cls in (tr.TransformerBlock, tr.PostLNBlock))
+    assert pre32.max() / pre32.min() < 2 and (post32 > pre32).all()
+    assert post32[-8:].mean() > post32[:8].mean()  # Post-LN: larger towards the output

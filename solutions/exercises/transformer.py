@@ -126,7 +126,7 @@ def _register_attention():
 def _register_causal_mask():
     ex = register("causal_mask", "因果マスク", chapter=CHAPTER, reference=causal_mask)
 
-    @ex.test("形・dtype・値が模範解答と一致する")
+    @ex.test("形状・dtype・値が模範解答と一致する")
     def _(answer, ref):
         for T in (1, 2, 5, 8):
             m = answer(T)
@@ -156,7 +156,7 @@ def _register_positional_encoding():
     ex = register("sinusoidal_positional_encoding", "正弦波の位置エンコーディング", chapter=CHAPTER,
                   reference=sinusoidal_positional_encoding)
 
-    @ex.test("形・dtype・値が模範解答と一致する")
+    @ex.test("形状・dtype・値が模範解答と一致する")
     def _(answer, ref):
         for max_len, d in ((50, 16), (1, 4), (7, 6)):
             pe = answer(max_len, d)
@@ -189,7 +189,7 @@ def _copy_projections(src, dst):
             raise CheckFailed(f"self.{name} にバイアスがありません。"
                               "nn.Linear(d_model, d_model) のまま（bias=True）にしてください。")
         if d.weight.shape != s.weight.shape:
-            raise CheckFailed(f"self.{name}.weight の shape は {tuple(s.weight.shape)} のはずですが、"
+            raise CheckFailed(f"self.{name}.weight の形状は {tuple(s.weight.shape)} のはずですが、"
                               f"{tuple(d.weight.shape)} でした。")
         with torch.no_grad():
             d.weight.copy_(s.weight)
@@ -223,8 +223,8 @@ def _check_mha_case(answer, ref, B, T_q, T_k, mask=None, self_attention=False, d
         ref_out, ref_w = ours(query, key, value, mask)
     expect_tensor(out, "output", shape=ref_out.shape)
     if w is None or (isinstance(w, torch.Tensor) and w.dim() == 3):
-        raise CheckFailed(f"weights の shape は (B, H, T_q, T_k) = {tuple(ref_w.shape)} のはずです。"
-                          "ヘッドごとの重みを平均せずに返してください。")
+        raise CheckFailed(f"weights の形状は (B, H, T_q, T_k) = {tuple(ref_w.shape)} のはずです。"
+                          "ヘッドごとのアテンションの重みを平均せずに返してください。")
     expect_tensor(w, "weights", shape=ref_w.shape)
     if not torch.allclose(out, ref_out, atol=1e-5, rtol=1e-4):
         added = ref_out + query
@@ -320,7 +320,7 @@ def _register_block():
         try:
             theirs.load_state_dict(ours.state_dict())
         except RuntimeError as e:
-            raise CheckFailed("__init__ の ln1, attn, ln2, ff の構成を変えないでください（重みを模範解答から"
+            raise CheckFailed("__init__ の ln1, attn, ln2, ff の構成を変えないでください（パラメータを模範解答から"
                               f"コピーして比べます）: {str(e).splitlines()[0]}") from None
         return theirs.eval(), ours.eval()
 
@@ -373,7 +373,7 @@ def _register_block():
             out = theirs(x)
         expect_close(out, x, "dropout=1 の学習モードの出力",
                      hint="dropout はサブ層の出力（残差に足す直前）にだけ掛けます: x = x + self.dropout(a)。"
-                          "残差の流れ x 自体には掛けません。")
+                          "残差ストリーム x 自体には掛けません。")
 
     @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
     def _(answer, ref):
