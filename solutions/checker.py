@@ -63,6 +63,20 @@ class Exercise:
 
         return add
 
+    def gpu_test(self, fn):
+        """Decorator: ``fn(answer, reference, device)`` run on CUDA when a GPU is present (else it passes).
+
+        Every exercise whose answer holds tensors should have one: a reader on Colab gets a
+        verdict about ``.to(device)`` mistakes that the CPU tests cannot see.
+        """
+
+        def on_cuda(answer, reference):
+            if torch.cuda.is_available():
+                fn(answer, reference, torch.device("cuda"))
+
+        self.tests.append(("GPU 上でも動く（GPU があるときだけ調べます）", on_cuda))
+        return fn
+
 
 _REGISTRY: dict[str, Exercise] = {}
 
@@ -169,7 +183,7 @@ def _run_tests(ex: Exercise, answer) -> Verdict:
             where = _where_in_readers_code(e)
             return verdict(
                 FAIL,
-                f"「{description}」の実行中にあなたのコードで {type(e).__name__} が発生しました{where}: {e}",
+                f"「{description}」の実行中に、解答のコードで {type(e).__name__} が発生しました{where}: {e}",
                 passed,
             )
     return verdict(PASS, f"{total} 件のテストにすべて合格しました。", total)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .instruments import block_gradient_norms, peak_memory_mib, time_ms
+from .instruments import block_gradient_norms, peak_memory_mib, record_outputs, time_ms
 
 # =======================================================================================
 # Reference answers
@@ -447,18 +447,38 @@ def bigram_perplexity(corpus, smoothing=1.0):
     return math.exp(-logp[x, y].mean().item())
 
 
-def ideal_perplexity(corpus):
-    """Perplexity of the ideal model on the validation lines under ``evaluate_loss``.
+def ideal_perplexity(corpus, knows_held_out_pairs=False):
+    """Perplexity of an ideal model on the validation lines under ``evaluate_loss``.
 
-    The ideal model knows the rule and that every pair (a, b) is equally likely, as in the
-    process that generated the data. A line is fixed by its pair, so the model pays exactly
-    -ln P(a, b) = ln((max_operand+1)^2) nats for a whole line, whatever the split into
-    characters: the operands' digits carry the surprise; '+', '=', the sum and the newline
-    cost nothing. Per character that is ln((max_operand+1)^2) · lines / characters. No model
-    has a lower expected loss on lines drawn from that process (it is their entropy).
+    The ideal model knows the rule, and a line is fixed by its pair (a, b): it pays exactly
+    -ln P(a, b) nats for the whole line, whatever the split into characters (the operands'
+    digits carry the surprise; '+', '=', the sum and the newline cost nothing).
+    - Default: every pair equally likely, as in the process that generated the data: that is
+      ln((max_operand+1)^2) per line, the value a model that learned the rule (and nothing about
+      the split) reaches.
+    - ``knows_held_out_pairs``: the model also knows which pairs were held out, so it spreads its
+      bet over those alone: ln(len(val_pairs)) per line. Without seeing the validation lines no
+      model can do better on them in expectation: the floor below which only a leak goes.
     """
     n_lines = int((corpus.val_ids == corpus.newline).sum())
-    return math.exp(n_lines * 2 * math.log(corpus.max_operand + 1) / len(corpus.val_ids))
+    pairs = len(corpus.val_pairs) if knows_held_out_pairs else (corpus.max_operand + 1) ** 2
+    return math.exp(n_lines * math.log(pairs) / len(corpus.val_ids))
+
+
+@torch.no_grad()
+def window_loss(model, ids, block_size, device="cpu", n_windows=256, seed=0):
+    """Mean next-character cross-entropy over random windows, cut the way training cuts them.
+
+    A window that starts inside a line lacks that line's beginning, so even the ideal model pays
+    more here than under ``evaluate_loss``; the floor ``ideal_perplexity(knows_held_out_pairs=True)``
+    still holds (up to the few lines a window has already seen) for any model that cannot see ahead.
+    """
+    was_training = model.training
+    model.eval()
+    x, y = get_batch(ids, n_windows, block_size, torch.Generator().manual_seed(seed), device)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    model.train(was_training)
+    return loss
 
 
 @torch.no_grad()
@@ -487,6 +507,12 @@ def addition_accuracy(model, corpus, n=500, device="cpu"):
 # Pre-LN and Post-LN at initialisation
 
 
+def _fresh_lm(block_cls, depth, seed, device, d_model, n_heads, vocab, T, batch):
+    torch.manual_seed(seed)
+    m = CausalTransformerLM(vocab, d_model, n_heads, depth, 4 * d_model, T, block_cls=block_cls).to(device)
+    return m, torch.randint(vocab, (batch, T + 1), device=device)
+
+
 def init_gradient_norms(block_cls, depth, seeds=(0, 1, 2), device="cpu", d_model=64, n_heads=4, vocab=16, T=64,
                         batch=8):
     """Gradient norm of every block of a freshly initialised LM after one backward pass on random tokens.
@@ -495,11 +521,25 @@ def init_gradient_norms(block_cls, depth, seeds=(0, 1, 2), device="cpu", d_model
     """
     rows = []
     for seed in seeds:
-        torch.manual_seed(seed)
-        m = CausalTransformerLM(vocab, d_model, n_heads, depth, 4 * d_model, T, block_cls=block_cls).to(device)
-        idx = torch.randint(vocab, (batch, T + 1), device=device)
+        m, idx = _fresh_lm(block_cls, depth, seed, device, d_model, n_heads, vocab, T, batch)
         F.cross_entropy(m(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
         rows.append(block_gradient_norms(m))
+    return torch.tensor(rows)
+
+
+@torch.no_grad()
+def init_residual_std(block_cls, depth, seeds=(0, 1, 2), device="cpu", d_model=64, n_heads=4, vocab=16, T=64,
+                      batch=8):
+    """Standard deviation of the residual stream of a freshly initialised LM, same set-up as above.
+
+    Returns a (len(seeds), depth + 1) tensor: the embeddings, then the output of every block.
+    """
+    rows = []
+    for seed in seeds:
+        m, idx = _fresh_lm(block_cls, depth, seed, device, d_model, n_heads, vocab, T, batch)
+        with record_outputs({"emb": m.drop, **{str(i): b for i, b in enumerate(m.blocks)}}) as out:
+            m(idx[:, :-1])
+        rows.append([out["emb"].std().item()] + [out[str(i)].std().item() for i in range(depth)])
     return torch.tensor(rows)
 
 

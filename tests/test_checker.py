@@ -133,3 +133,19 @@ def test_misspelled_forward_is_a_failure_not_a_missing_answer():
 def test_answer_on_the_wrong_device_is_named():
     v = evaluate("causal_mask", lambda T, device=None: torch.ones(T, T, dtype=torch.bool, device="meta").tril())
     assert v.status == "fail" and "meta 上にあります" in v.message
+
+
+def test_gpu_tests_run_only_with_cuda(monkeypatch):
+    from solutions.checker import Exercise
+
+    ex = Exercise("x", "x", "01_transformer", reference=good_mask)
+    seen = []
+    ex.gpu_test(lambda answer, reference, device: seen.append(device))
+    (description, run), = ex.tests
+    assert "GPU" in description
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run(good_mask, good_mask)
+    assert seen == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run(good_mask, good_mask)
+    assert seen == [torch.device("cuda")]

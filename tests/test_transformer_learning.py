@@ -46,6 +46,17 @@ def test_ideal_perplexity_is_what_the_ideal_model_pays(corpus):
             total -= math.log(p)
             count += 1
     assert math.exp(total / count) == pytest.approx(tr.ideal_perplexity(small), rel=1e-9)
+    # The floor: a model that also knows which pairs were held out bets on those alone.
+    held_out = [f"{a}+{b}={a + b}\n" for a, b in small.val_pairs]
+    total = count = 0.0
+    for _, y in tr.lines_with_context(small.val_ids, small.newline):
+        line = small.decode(y)
+        for i in range(len(line)):
+            matching = [s for s in held_out if s.startswith(line[:i])]
+            total -= math.log(sum(s[i] == line[i] for s in matching) / len(matching))
+            count += 1
+    assert math.exp(total / count) == pytest.approx(tr.ideal_perplexity(small, knows_held_out_pairs=True), rel=1e-9)
+    assert tr.ideal_perplexity(small, knows_held_out_pairs=True) < tr.ideal_perplexity(small)
     assert 2.5 < tr.ideal_perplexity(corpus) < 3.0 < 9 < tr.bigram_perplexity(corpus) < 11
 
 
@@ -100,3 +111,17 @@ def test_lm_beats_the_bigram_baseline_and_learns_to_add(corpus):
     assert ppl > tr.ideal_perplexity(corpus)  # the ideal model is not beaten on unseen sums
     accuracy, _ = tr.addition_accuracy(model, corpus, n=300)
     assert accuracy > 0.05, accuracy  # random guessing of a 2-3 digit sum is well below 1 %
+
+
+def test_a_model_that_sees_the_future_goes_below_the_floor(corpus):
+    """What section 9 shows: without the causal mask the loss drops below what any honest model can reach."""
+    floor = math.log(tr.ideal_perplexity(corpus, knows_held_out_pairs=True))
+    losses = {}
+    for causal in (True, False):
+        torch.manual_seed(0)
+        m = tr.CausalTransformerLM(corpus.vocab_size, 32, 4, 1, 128, 64)
+        if not causal:
+            m.mask.fill_(True)
+        tr.train_lm(m, corpus, 600, 32, 32, 3e-3, eval_every=600, eval_lines=10, log=None)
+        losses[causal] = tr.window_loss(m, corpus.val_ids, 32)
+    assert losses[False] < 0.5 * floor < floor < losses[True], losses

@@ -288,3 +288,11 @@ def test_post_ln_gradients_at_init_are_larger_and_the_gap_grows_with_depth():
     pre32, post32 = (tr.init_gradient_norms(cls, 32).mean(0) for cls in (tr.TransformerBlock, tr.PostLNBlock))
     assert pre32.max() / pre32.min() < 2 and (post32 > pre32).all()
     assert post32[-8:].mean() > post32[:8].mean()  # Post-LN: larger towards the output
+
+
+def test_the_residual_stream_at_init_is_mostly_the_embedding():
+    """Why the chapter's Pre-LN gradient does not shrink with depth: the stream barely grows at init."""
+    std = tr.init_residual_std(tr.TransformerBlock, 32)
+    assert std.shape == (3, 33)
+    emb, last = std[:, 0].mean(), std[:, -1].mean()
+    assert 1.0 < emb < 1.4 and emb < last < 2.5 * emb  # far from growing like sqrt(32) = 5.7

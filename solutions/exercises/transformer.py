@@ -116,11 +116,9 @@ def _register_attention():
     def _(answer, ref):
         _check_attention_case(answer, ref, (2, 4, 8), (2, 6, 8), d_v=3)
 
-    @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
-    def _(answer, ref):
-        if torch.cuda.is_available():
-            _check_attention_case(answer, ref, (2, 2, 6, 8), (2, 2, 6, 8), causal_mask(6, device="cuda"),
-                                  device="cuda")
+    @ex.gpu_test
+    def _(answer, ref, device):
+        _check_attention_case(answer, ref, (2, 2, 6, 8), (2, 2, 6, 8), causal_mask(6, device=device), device=device)
 
 
 def _register_causal_mask():
@@ -178,6 +176,13 @@ def _register_positional_encoding():
     def _(answer, ref):
         pe = answer(3, 8)
         expect_close(pe[0], torch.tensor([0.0, 1.0] * 4), "PE[0]")
+
+
+def _in_train_mode(module, *inputs):
+    """The module's output in training mode (dropout active), without building a graph."""
+    module.train()
+    with torch.no_grad():
+        return module(*inputs)
 
 
 def _copy_projections(src, dst):
@@ -278,20 +283,16 @@ def _register_mha():
     @ex.test("dropout=1 の学習モードでは、アテンションの重みがすべて落ちて出力は W_o のバイアスだけになる")
     def _(answer, ref):
         theirs, ours = _mha_pair(answer, ref, dropout=1.0)
-        theirs.train()
         x = torch.randn(2, 5, 16)
-        with torch.no_grad():
-            out, _ = expect_tuple(theirs(x, x, x), "戻り値 (output, weights)", 2)
-            expected = ours.W_o.bias.expand(2, 5, 16)
-        expect_close(out, expected, "dropout=1 の学習モードの output",
+        out, _ = expect_tuple(_in_train_mode(theirs, x, x, x), "戻り値 (output, weights)", 2)
+        expect_close(out, ours.W_o.bias.detach().expand(2, 5, 16), "dropout=1 の学習モードの output",
                      hint="dropout は softmax 後の重み（出力の計算に使うほう）に self.dropout で掛けます。"
                           "dropout を使っていないか、重み以外（出力など）に掛けていませんか。")
 
-    @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
-    def _(answer, ref):
-        if torch.cuda.is_available():
-            _check_mha_case(answer, ref, B=2, T_q=6, T_k=6, mask=causal_mask(6, device="cuda"),
-                            self_attention=True, device="cuda")
+    @ex.gpu_test
+    def _(answer, ref, device):
+        _check_mha_case(answer, ref, B=2, T_q=6, T_k=6, mask=causal_mask(6, device=device), self_attention=True,
+                        device=device)
 
     @ex.test("dropout 引数: 評価モードでは出力を変えず、学習モードでも weights は確率のまま")
     def _(answer, ref):
@@ -367,18 +368,14 @@ def _register_block():
     @ex.test("dropout=1 の学習モードでは、2 つのサブ層の出力がすべて落ちて入力がそのまま出る")
     def _(answer, ref):
         theirs, _ = pair(answer, ref, dropout=1.0)
-        theirs.train()
         x = torch.randn(2, 5, 16)
-        with torch.no_grad():
-            out = theirs(x)
-        expect_close(out, x, "dropout=1 の学習モードの出力",
+        expect_close(_in_train_mode(theirs, x), x, "dropout=1 の学習モードの出力",
                      hint="dropout はサブ層の出力（残差に足す直前）にだけ掛けます: x = x + self.dropout(a)。"
                           "残差ストリーム x 自体には掛けません。")
 
-    @ex.test("GPU 上でも動く（GPU があるときだけ調べます）")
-    def _(answer, ref):
-        if torch.cuda.is_available():
-            compare(answer, ref, B=2, T=6, mask=causal_mask(6, device="cuda"), device="cuda")
+    @ex.gpu_test
+    def _(answer, ref, device):
+        compare(answer, ref, B=2, T=6, mask=causal_mask(6, device=device), device=device)
 
 
 _register_attention()
