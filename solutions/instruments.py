@@ -150,11 +150,11 @@ def mean_and_spread(values: Iterable[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def format_mean_spread(values: Iterable[float], fmt: str = ".3f") -> str:
-    """'0.912 ± 0.004 (n=3)': how the book reports a result over several seeds."""
+def format_mean_spread(values: Iterable[float], fmt: str = ".3f", unit: str = "") -> str:
+    """'0.912 ± 0.004 (n=3)': how the book reports a result over several seeds (spread: sample std)."""
     values = list(values)
     mean, spread = mean_and_spread(values)
-    return f"{mean:{fmt}} ± {spread:{fmt}} (n={len(values)})"
+    return f"{mean:{fmt}} ± {spread:{fmt}}{unit} (n={len(values)})"
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:

@@ -76,6 +76,7 @@ def test_mean_and_spread_over_seeds():
     assert ins.mean_and_spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert ins.mean_and_spread([5.0]) == (5.0, 0.0)
     assert ins.format_mean_spread([0.9, 0.92, 0.94]) == "0.920 ± 0.020 (n=3)"
+    assert ins.format_mean_spread([90, 92, 94], ".1f", unit=" %") == "92.0 ± 2.0 % (n=3)"
     with pytest.raises(ValueError, match="値がありません"):
         ins.mean_and_spread([])
 
