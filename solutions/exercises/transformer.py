@@ -79,7 +79,7 @@ def _register_attention():
     def _(answer, ref):
         _check_attention_case(answer, ref, (2, 3, 5, 8), (2, 3, 5, 8))
 
-    @ex.test("各行の重みが確率（0 以上で和が 1）になっている")
+    @ex.test("各行のアテンションの重みが確率（0 以上で和が 1）になっている")
     def _(answer, ref):
         q, k, v = (torch.randn(2, 4, 6) for _ in range(3))
         _, w = expect_tuple(answer(q, k, v), "戻り値 (output, weights)", 2)
@@ -99,7 +99,7 @@ def _register_attention():
         _check_attention_case(answer, ref, (2, 2, 6, 4), (2, 2, 6, 4), mask)
         _, w = answer(torch.randn(1, 6, 4), torch.randn(1, 6, 4), torch.randn(1, 6, 4), mask)
         if w[..., ~mask].abs().max() > 1e-6:
-            raise CheckFailed("マスクで禁止した位置（未来のトークン）に 0 でない重みがあります。")
+            raise CheckFailed("マスクで禁止した位置（未来のトークン）に 0 でないアテンションの重みがあります。")
 
     @ex.test("パディングマスク (B, 1, 1, T_k)")
     def _(answer, ref):
@@ -244,7 +244,7 @@ def _check_mha_case(answer, ref, B, T_q, T_k, mask=None, self_attention=False, d
                                   "（いきなり view(B, H, T, d_head) にすると位置とヘッドが混ざります）。")
     expect_close(out, ref_out, "output", hint=(
         "よくある原因: view の後の transpose(1, 2) 忘れ（ヘッドの分け方）、ヘッドを結合する前の transpose 忘れ、"
-        "d_model ではなく d_head でのスケーリング、W_o の掛け忘れ。"))
+        "d_head ではなく d_model でのスケーリング、W_o の掛け忘れ。"))
     expect_close(w, ref_w, "weights", hint="weights には各ヘッドの softmax 後の確率を返してください。")
 
 
@@ -286,8 +286,9 @@ def _register_mha():
         x = torch.randn(2, 5, 16)
         out, _ = expect_tuple(_in_train_mode(theirs, x, x, x), "戻り値 (output, weights)", 2)
         expect_close(out, ours.W_o.bias.detach().expand(2, 5, 16), "dropout=1 の学習モードの output",
-                     hint="dropout は softmax 後の重み（出力の計算に使うほう）に self.dropout で掛けます。"
-                          "dropout を使っていないか、重み以外（出力など）に掛けていませんか。")
+                     hint="dropout は softmax 後のアテンションの重み（出力の計算に使うほう）に "
+                          "self.dropout で掛けます。dropout を使っていないか、"
+                          "アテンションの重み以外（出力など）に掛けていませんか。")
 
     @ex.gpu_test
     def _(answer, ref, device):
@@ -306,7 +307,8 @@ def _register_mha():
             _, w = theirs(x, x, x)
         expect_tensor(w, "学習モードの weights", shape=(2, 4, 5, 5))
         expect_close(w.sum(-1), torch.ones(2, 4, 5), "学習モードの weights の行和",
-                     hint="dropout は出力の計算に使う重みにだけ掛け、返す weights は softmax の確率のままにします。")
+                     hint="dropout は出力の計算に使うアテンションの重みにだけ掛け、"
+                                  "返す weights は softmax の確率のままにします。")
 
 
 def _register_block():
