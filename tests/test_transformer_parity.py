@@ -289,7 +289,7 @@ def test_post_ln_gradients_at_init_are_larger_and_the_gap_grows_with_depth():
     assert pre32.max() / pre32.min() < 2 and (post32 > pre32).all()
     assert post32[-8:].mean() > post32[:8].mean()  # Post-LN: larger towards the output
     pre64, post64 = (tr.init_gradient_norms(cls, 64)[:, -1].mean() for cls in (tr.TransformerBlock, tr.PostLNBlock))
-    assert pre64 < 0.85 * pre32[-1] and post64 < post32[-1]  # at 64 blocks Pre-LN starts to shrink
+    assert pre64 < 0.85 * pre32[-1] < pre32[-1] < post64  # at 64 blocks Pre-LN starts to shrink
 
 
 def test_the_residual_stream_at_init_grows_far_less_than_sqrt_depth():

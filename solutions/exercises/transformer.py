@@ -116,6 +116,23 @@ def _register_attention():
     def _(answer, ref):
         _check_attention_case(answer, ref, (2, 4, 8), (2, 6, 8), d_v=3)
 
+    @ex.test("float16 のまま計算する（混合精度や GPU の float16 で使うため）")
+    def _(answer, ref):
+        q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.float16) for _ in range(3))
+        mask = causal_mask(6)
+        try:
+            result = call_without_mutation(answer, q, k, v, mask)
+        except RuntimeError as e:
+            if "overflow" not in str(e):
+                raise
+            raise CheckFailed("マスクした位置に入れた値が float16 では表せません（float16 の絶対値の最大は 65504）。"
+                              "-1e9 などの定数ではなく torch.finfo(scores.dtype).min を使ってください。") from None
+        out, w = expect_tuple(result, "戻り値 (output, weights)", 2)
+        ref_out, ref_w = ref(q.double(), k.double(), v.double(), mask)
+        expect_tensor(out, "float16 の output", shape=ref_out.shape, dtype=torch.float16)
+        expect_close(out, ref_out.half(), "float16 の output", atol=1e-2, rtol=1e-2)
+        expect_close(w, ref_w.half(), "float16 の weights", atol=1e-2, rtol=1e-2)
+
     @ex.gpu_test
     def _(answer, ref, device):
         _check_attention_case(answer, ref, (2, 2, 6, 8), (2, 2, 6, 8), causal_mask(6, device=device), device=device)
@@ -287,8 +304,8 @@ def _register_mha():
         out, _ = expect_tuple(_in_train_mode(theirs, x, x, x), "戻り値 (output, weights)", 2)
         expect_close(out, ours.W_o.bias.detach().expand(2, 5, 16), "dropout=1 の学習モードの output",
                      hint="dropout は softmax 後のアテンションの重み（出力の計算に使うほう）に "
-                          "self.dropout で掛けます。dropout を使っていないか、"
-                          "アテンションの重み以外（出力など）に掛けていませんか。")
+                          "self.dropout でかけます。dropout を使っていないか、"
+                          "アテンションの重み以外（出力など）にかけていませんか。")
 
     @ex.gpu_test
     def _(answer, ref, device):
@@ -307,7 +324,7 @@ def _register_mha():
             _, w = theirs(x, x, x)
         expect_tensor(w, "学習モードの weights", shape=(2, 4, 5, 5))
         expect_close(w.sum(-1), torch.ones(2, 4, 5), "学習モードの weights の行和",
-                     hint="dropout は出力の計算に使うアテンションの重みにだけ掛け、"
+                     hint="dropout は出力の計算に使うアテンションの重みにだけかけ、"
                                   "返す weights は softmax の確率のままにします。")
 
 
@@ -372,8 +389,8 @@ def _register_block():
         theirs, _ = pair(answer, ref, dropout=1.0)
         x = torch.randn(2, 5, 16)
         expect_close(_in_train_mode(theirs, x), x, "dropout=1 の学習モードの出力",
-                     hint="dropout はサブ層の出力（残差に足す直前）にだけ掛けます: x = x + self.dropout(a)。"
-                          "残差ストリーム x 自体には掛けません。")
+                     hint="dropout はサブ層の出力（残差に足す直前）にだけかけます: x = x + self.dropout(a)。"
+                          "残差ストリーム x 自体にはかけません。")
 
     @ex.gpu_test
     def _(answer, ref, device):

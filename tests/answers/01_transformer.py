@@ -25,7 +25,7 @@ def sdpa_einsum(q, k, v, mask=None):
     return torch.einsum("...qk,...kd->...qd", w, v), w
 
 
-def sdpa_seed_style(q, k, v, mask=None):  # -1e9 fill, mask == 0 convention: fine in float32/64
+def sdpa_minus_1e9(q, k, v, mask=None):  # -1e9 fill, mask == 0 convention: right in float32/64, fails in float16
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(k.size(-1))
     if mask is not None:
         scores = scores.masked_fill(mask == 0, -1e9)
@@ -395,7 +395,7 @@ class BlockRenamed(nn.Module):
 
 
 CORRECT = {
-    "scaled_dot_product_attention": [sdpa_einsum, sdpa_seed_style],
+    "scaled_dot_product_attention": [sdpa_einsum],
     "causal_mask": [mask_bool_from_float],
     "sinusoidal_positional_encoding": [pe_loop, pe_seed_style],
     "multi_head_attention": [MHAEinsum, MHAWithFusedSdpa],
@@ -417,6 +417,7 @@ WRONG = {
         (sdpa_float32_always, "dtype"),
         (sdpa_4d_only, "ValueError"),
         (sdpa_scale_by_v, "d_v=3"),
+        (sdpa_minus_1e9, "float16 では表せません"),
     ],
     "causal_mask": [
         (mask_float, "dtype"),
