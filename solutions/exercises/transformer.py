@@ -329,7 +329,7 @@ def _register_mha():
 
 
 def _register_block():
-    ex = register("transformer_block", "Pre-LN Transformer ブロック", chapter=CHAPTER, reference=TransformerBlock)
+    ex = register("transformer_block", "Pre-LN の Transformer ブロック", chapter=CHAPTER, reference=TransformerBlock)
 
     def pair(answer, ref, dropout=0.0):
         theirs = answer(16, 4, 32, dropout=dropout)
