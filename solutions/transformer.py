@@ -457,8 +457,10 @@ def ideal_perplexity(corpus, knows_held_out_pairs=False):
       ln((max_operand+1)^2) per line, the value a model that learned the rule (and nothing about
       the split) reaches.
     - ``knows_held_out_pairs``: the model also knows which pairs were held out, so it spreads its
-      bet over those alone: ln(len(val_pairs)) per line. Without seeing the validation lines no
-      model can do better on them in expectation: the floor below which only a leak goes.
+      bet over those alone: ln(len(val_pairs)) per line. Since every validation line is distinct and
+      is predicted from a newline alone, the probabilities any causal model gives them sum to at most
+      1, so by Gibbs' inequality no such model does better: only a model that sees ahead (or a broken
+      evaluation) goes below this floor.
     """
     n_lines = int((corpus.val_ids == corpus.newline).sum())
     pairs = len(corpus.val_pairs) if knows_held_out_pairs else (corpus.max_operand + 1) ** 2

@@ -369,7 +369,8 @@ def _register_block():
             if mask is not None and torch.allclose(out, ours(x, None), atol=1e-5, rtol=1e-4):
                 raise CheckFailed("マスクがアテンションに渡されていません。"
                                   "self.attn(h, h, h, mask) のように渡してください。")
-        expect_close(out, expected, "出力", hint="x = x + Attn(LN1(x)) の後に x = x + FFN(LN2(x)) です。"
+        expect_close(out, expected, "出力",
+                     hint="まず x に self.attn(ln1(x), …) の出力を足し、続いて self.ff(ln2(x)) を足します。"
                      "マスクを self.attn に渡しているかも確認してください。")
 
     @ex.test("マスクなし")
