@@ -369,13 +369,12 @@ def lines_with_context(ids, newline, max_lines=None):
 
 
 @torch.no_grad()
-def evaluate_loss(model, corpus, device="cpu", split="val", max_lines=None):
-    """Mean next-character cross-entropy (nats) over the split's lines, each with its whole line as context."""
+def evaluate_loss(model, corpus, device="cpu", max_lines=None):
+    """Mean next-character cross-entropy (nats) over the validation lines, each with its whole line as context."""
     was_training = model.training
     model.eval()
-    ids = corpus.val_ids if split == "val" else corpus.train_ids
     by_length: dict[int, list] = {}
-    for x, y in lines_with_context(ids, corpus.newline, max_lines):
+    for x, y in lines_with_context(corpus.val_ids, corpus.newline, max_lines):
         by_length.setdefault(len(x), []).append((x, y))
     total, count = 0.0, 0
     for group in by_length.values():
