@@ -147,6 +147,19 @@ def _raised_by_missing_forward(exc: BaseException) -> bool:
     return bool(frames) and frames[-1].name == "_forward_unimplemented"
 
 
+_REMOVED_NUMPY_ALIASES = ("int", "float", "bool", "object", "complex", "str")
+
+
+def _known_cause(exc: BaseException) -> str:
+    """A Japanese hint for an exception whose cause is well known (empty when none is)."""
+    text = str(exc)
+    if isinstance(exc, AttributeError) and any(
+            f"module 'numpy' has no attribute '{alias}'" in text for alias in _REMOVED_NUMPY_ALIASES):
+        return ("（np.int や np.float などの別名は NumPy 1.24 で削除されました。組み込みの int や float、"
+                "または np.int64 のように大きさのある型を使ってください）")
+    return ""
+
+
 def _run_tests(ex: Exercise, answer) -> Verdict:
     total = len(ex.tests)
 
@@ -183,7 +196,8 @@ def _run_tests(ex: Exercise, answer) -> Verdict:
             where = _where_in_readers_code(e)
             return verdict(
                 FAIL,
-                f"「{description}」の実行中に、解答のコードで {type(e).__name__} が発生しました{where}: {e}",
+                f"「{description}」の実行中に、解答のコードで {type(e).__name__} が発生しました{where}: {e}"
+                + _known_cause(e),
                 passed,
             )
     return verdict(PASS, f"{total} 件のテストにすべて合格しました。", total)
