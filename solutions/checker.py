@@ -147,7 +147,7 @@ def _raised_by_missing_forward(exc: BaseException) -> bool:
     return bool(frames) and frames[-1].name == "_forward_unimplemented"
 
 
-_REMOVED_NUMPY_ALIASES = ("int", "float", "bool", "object", "complex", "str")
+_REMOVED_NUMPY_ALIASES = ("int", "float", "object", "complex", "str")  # np.bool came back in NumPy 2.0
 
 
 def _known_cause(exc: BaseException) -> str:
@@ -316,6 +316,22 @@ def expect_close(actual: torch.Tensor, expected: torch.Tensor, name: str, atol=1
             f"たとえば位置 {idx} で期待値 {expected_f[idx].item():.5g} に対して {actual_f[idx].item():.5g}）。"
         )
         raise CheckFailed(message + (" " + hint if hint else ""))
+
+
+def copy_reference_parameters(theirs, ours, layout: str, noise: float = 0.1):
+    """Move the reference module's parameters off their initial values (by ``noise``·N(0, 1), so
+    that a skipped LayerNorm or bias shows in the outputs), then load them into the reader's module.
+
+    ``layout`` names the submodules of the given ``__init__`` that must stay as they are.
+    """
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(noise * torch.randn_like(p))
+    try:
+        theirs.load_state_dict(ours.state_dict())
+    except RuntimeError as e:
+        raise CheckFailed(f"__init__ の構成（{layout}）を変えないでください（パラメータを模範解答からコピーして"
+                          f"比べます）: {str(e).splitlines()[0]}") from None
 
 
 def call_without_mutation(fn, *args, **kwargs):

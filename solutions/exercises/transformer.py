@@ -12,7 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checker import CheckFailed, call_without_mutation, expect_close, expect_tensor, expect_tuple, register
+from ..checker import (
+    CheckFailed,
+    call_without_mutation,
+    copy_reference_parameters,
+    expect_close,
+    expect_tensor,
+    expect_tuple,
+    register,
+)
 from ..transformer import (
     MultiHeadAttention,
     TransformerBlock,
@@ -334,14 +342,7 @@ def _register_block():
     def pair(answer, ref, dropout=0.0):
         theirs = answer(16, 4, 32, dropout=dropout)
         ours = ref(16, 4, 32, dropout=dropout)
-        with torch.no_grad():  # give the norms non-trivial weights so that misplaced norms show
-            for p in ours.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        try:
-            theirs.load_state_dict(ours.state_dict())
-        except RuntimeError as e:
-            raise CheckFailed("__init__ の ln1, attn, ln2, ff の構成を変えないでください（パラメータを模範解答から"
-                              f"コピーして比べます）: {str(e).splitlines()[0]}") from None
+        copy_reference_parameters(theirs, ours, "ln1, attn, ln2, ff")
         return theirs.eval(), ours.eval()
 
     def compare(answer, ref, B, T, mask, device="cpu"):

@@ -14,7 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checker import CheckFailed, call_without_mutation, expect_close, expect_tensor, expect_tuple, register
+from ..checker import (
+    CheckFailed,
+    call_without_mutation,
+    copy_reference_parameters,
+    expect_close,
+    expect_tensor,
+    expect_tuple,
+    register,
+)
 from ..vit import PatchEmbedding, VisionTransformer, cutmix, mixed_cross_entropy, mixup
 
 CHAPTER = "02_vit"
@@ -202,15 +210,7 @@ def _register_vit():
     def pair(answer, ref, dropout=0.0, **changes):
         kwargs = {**config, **changes, "dropout": dropout}
         theirs, ours = answer(**kwargs), ref(**kwargs)
-        with torch.no_grad():  # non-trivial values everywhere, so that a skipped part shows
-            for p in ours.parameters():
-                p.add_(0.2 * torch.randn_like(p))
-        try:
-            theirs.load_state_dict(ours.state_dict())
-        except RuntimeError as e:
-            raise CheckFailed("__init__ の構成（patch_embed, cls_token, pos_embed, blocks, ln, head）を変えないで"
-                              "ください（パラメータを模範解答からコピーして比べます）: "
-                              f"{str(e).splitlines()[0]}") from None
+        copy_reference_parameters(theirs, ours, "patch_embed, cls_token, pos_embed, blocks, ln, head", noise=0.2)
         return theirs.eval(), ours.eval()
 
     def variants(ours, x):
@@ -378,15 +378,16 @@ def _pasted_box(x, mixed, y_b):
     from_other = mixed == x[y_b]
     if not (from_x | from_other).all():
         raise CheckFailed("mixed_x に、x にも x[perm] にもない値の画素があります。CutMix は画素を混ぜ合わせず、"
-                          "箱の中を x[perm] の画素で置き換えます（y_b = y[perm] と同じ perm を使います）。")
+                          "矩形領域の中を x[perm] の画素で置き換えます（y_b = y[perm] と同じ perm を使います）。")
     moved = y_b != torch.arange(x.size(0), device=x.device)
     if not moved.any():
         return None
     pasted = (from_other & ~from_x)[moved]  # (B', C, H, W)
     box = pasted[0, 0]
     if not (pasted == box).all():
-        raise CheckFailed("貼り付けた領域がサンプルごと、またはチャネルごとに違います。箱はバッチ全体で 1 つにし、"
-                          "すべてのチャネルに同じ箱を使います（mixed_x[..., top:bottom, left:right] のように）。")
+        raise CheckFailed("貼り付けた領域がサンプルごと、またはチャネルごとに違います。"
+                          "貼る領域はバッチ全体で 1 つにし、すべてのチャネルに同じ領域を使います"
+                          "（mixed_x[..., top:bottom, left:right] のように）。")
     rows, cols = box.any(1), box.any(0)
     if box.any():
         r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
@@ -410,12 +411,13 @@ def _register_cutmix():
         kept = 1 - box.sum().item() / (H * W)
         if abs(kept - lam) > 1e-6:
             raise CheckFailed(f"返した lam = {lam:.4f} が、x から残った画素の実際の割合 {kept:.4f} と違います"
-                              f"（{H}×{W} の画像で、貼り付けた箱は {int(box.any(1).sum())}×{int(box.any(0).sum())}）。"
-                              "lam は、箱を画像の端で切り詰めたあとの面積から 1 − 面積 / (H·W) で計算し直します。"
+                              f"（{H}×{W} の画像で、貼り付けた領域は "
+                              f"{int(box.any(1).sum())}×{int(box.any(0).sum())}）。"
+                              "lam は、領域を画像の端で切り詰めたあとの面積から 1 − 面積 / (H·W) で計算し直します。"
                               "高さ H = x.size(2)、幅 W = x.size(3) の取り違えも確認してください。")
         return box
 
-    @ex.test("正方形の画像: 箱は 1 つの長方形、画素は x か x[perm] から、lam は x から残った画素の割合")
+    @ex.test("正方形の画像: 貼る領域は 1 つの長方形、画素は x か x[perm] から、lam は x から残った画素の割合")
     def _(answer, ref):
         for seed in range(20):
             check_case(answer, (6, 1, 8, 8), _generator(seed))
@@ -426,7 +428,7 @@ def _register_cutmix():
             check_case(answer, (4, 3, 6, 16), _generator(seed))
             check_case(answer, (4, 3, 16, 6), _generator(100 + seed))
 
-    @ex.test("箱の縦横比が画像と同じで、箱の中心は画像全体に一様（16×48 の画像で 400 回）")
+    @ex.test("貼る領域の縦横比が画像と同じで、中心は画像全体に一様（16×48 の画像で 400 回）")
     def _(answer, ref):
         H, W = 16, 48
         boxes = [b for s in range(400) if (b := check_case(answer, (4, 1, H, W), _generator(s))) is not None]
@@ -436,16 +438,16 @@ def _register_cutmix():
         if inside.sum() >= 10:
             ratio = (rows[inside].sum(1) / H).mean() / (cols[inside].sum(1) / W).mean()
             if not 0.6 < ratio < 1.6:
-                raise CheckFailed(f"端で切り詰められていない箱の (高さ/H) / (幅/W) の平均が {ratio:.2f} です"
-                                  "（1 前後のはず）。箱の高さは H·√(1−λ)、幅は W·√(1−λ) で、"
+                raise CheckFailed(f"端で切り詰められていない領域の (高さ/H) / (幅/W) の平均が {ratio:.2f} です"
+                                  "（1 前後のはず）。領域の高さは H·√(1−λ)、幅は W·√(1−λ) で、"
                                   "H = x.size(2)、W = x.size(3) です。高さと幅を取り違えていませんか。")
         for name, hits in (("上端と下端", rows[:, [0, -1]]), ("左端と右端", cols[:, [0, -1]])):
             first, last = hits.mean(0).tolist()
             if min(first, last) < 0.05 or abs(first - last) > 0.15:
-                raise CheckFailed(f"箱が{name}にかかる頻度が偏っています（{first:.0%} と {last:.0%}）。箱の中心は、"
-                                  "縦は 0..H−1、横は 0..W−1 から一様に選びます（軸の取り違えに注意）。")
+                raise CheckFailed(f"貼る領域が{name}にかかる頻度が偏っています（{first:.0%} と {last:.0%}）。"
+                                  "領域の中心は、縦は 0..H−1、横は 0..W−1 から一様に選びます（軸の取り違えに注意）。")
 
-    @ex.test("箱の大きさが alpha に従う（alpha が小さいと、ほとんど貼らない回が多い）")
+    @ex.test("貼る領域の大きさが alpha に従う（alpha が小さいと、ほとんど貼らない回が多い）")
     def _(answer, ref):
         def share_small(alpha):
             x, y = torch.randn(2, 1, 16, 48), _distinct_labels(2)
@@ -458,8 +460,8 @@ def _register_cutmix():
         low, high = share_small(0.05), share_small(5.0)
         if low < 0.25 or high > 0.1:
             raise CheckFailed(f"貼り付けた面積が 2 % 以下の回の割合が、alpha=0.05 で {low:.0%}、alpha=5 で {high:.0%} "
-                              "でした（Beta(alpha, alpha) から引いた λ で箱の大きさを決めれば、前者は 3 割以上、"
-                              "後者は 1 割以下になります）。箱の一辺は √(1−λ) に比例させます。")
+                              "でした（Beta(alpha, alpha) から引いた λ で領域の大きさを決めれば、前者は 3 割以上、"
+                              "後者は 1 割以下になります）。領域の一辺は √(1−λ) に比例させます。")
 
     @ex.test("alpha <= 0 では貼らない（lam = 1、mixed_x = x）")
     def _(answer, ref):

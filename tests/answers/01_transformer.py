@@ -454,6 +454,6 @@ WRONG = {
         (BlockNoDropout, "残差に足す直前"),
         (BlockDropsTheStream, "dropout=1"),
         (BlockSeedStyle, "一致しません"),
-        (BlockRenamed, "構成を変えないで"),
+        (BlockRenamed, "ln1, attn, ln2, ff）を変えないで"),
     ],
 }

@@ -293,37 +293,37 @@ def _box(x, alpha, generator, hw_for_centre, hw_for_size):
             lam0)
 
 
+def _paste(x, y, alpha, generator, hw_for_centre, hw_for_size, hw_for_share):
+    """A CutMix whose box draws its centre and size from the given (H, W) pairs; returns the
+    batch, the labels, the share kept as computed with hw_for_share, and the drawn lam."""
+    top, bottom, left, right, lam0 = _box(x, alpha, generator, hw_for_centre, hw_for_size)
+    perm = torch.randperm(len(x), generator=generator)
+    mixed = x.clone()
+    mixed[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]  # slicing clips silently
+    H, W = hw_for_share
+    return mixed, y, y[perm], 1 - (bottom - top) * (right - left) / (H * W), lam0
+
+
 def cutmix_names_swapped(x, y, alpha, generator=None):  # W, H = x.shape[-2:] but the slice written as [y, x]
     if alpha <= 0:
         return x.clone(), y, y, 1.0
     W, H = x.shape[-2:]
-    top, bottom, left, right, _ = _box(x, alpha, generator, (H, W), (H, W))
-    perm = torch.randperm(len(x), generator=generator)
-    mixed = x.clone()
-    mixed[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
-    return mixed, y, y[perm], 1 - (bottom - top) * (right - left) / (H * W)
+    return _paste(x, y, alpha, generator, (H, W), (H, W), (H, W))[:4]
 
 
 def cutmix_aspect_swapped(x, y, alpha, generator=None):  # box height from W and width from H
     if alpha <= 0:
         return x.clone(), y, y, 1.0
     H, W = x.shape[-2:]
-    top, bottom, left, right, _ = _box(x, alpha, generator, (H, W), (W, H))
-    perm = torch.randperm(len(x), generator=generator)
-    mixed = x.clone()
-    mixed[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
-    return mixed, y, y[perm], 1 - (bottom - top) * (right - left) / (H * W)
+    return _paste(x, y, alpha, generator, (H, W), (W, H), (H, W))[:4]
 
 
 def cutmix_unclipped_lam(x, y, alpha, generator=None):  # returns the drawn lam, not the pasted share
     if alpha <= 0:
         return x.clone(), y, y, 1.0
     H, W = x.shape[-2:]
-    top, bottom, left, right, lam0 = _box(x, alpha, generator, (H, W), (H, W))
-    perm = torch.randperm(len(x), generator=generator)
-    mixed = x.clone()
-    mixed[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
-    return mixed, y, y[perm], lam0
+    mixed, y_a, y_b, _, lam0 = _paste(x, y, alpha, generator, (H, W), (H, W), (H, W))
+    return mixed, y_a, y_b, lam0
 
 
 def cutmix_pasted_share(x, y, alpha, generator=None):
