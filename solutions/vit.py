@@ -27,10 +27,10 @@ from .transformer import TransformerBlock
 
 
 class PatchEmbedding(nn.Module):
-    """Cut the image into patch_size × patch_size patches and project each one to d_model.
+    """画像を patch_size × patch_size のパッチに切り、各パッチを d_model 次元に射影します。
 
-    A Conv2d whose kernel and stride both equal the patch size sees every patch exactly once
-    and applies the same linear map to each: it is "unfold + one shared nn.Linear".
+    kernel_size と stride がどちらもパッチの大きさの Conv2d は、各パッチをちょうど 1 回ずつ見て、
+    どのパッチにも同じ線形写像をかけます。つまり「unfold + 共有の nn.Linear」と同じ計算です。
     """
 
     def __init__(self, img_size, patch_size, in_channels, d_model):
@@ -40,21 +40,21 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):  # (B, C, H, W) -> (B, n_patches, d_model)
-        x = self.proj(x)  # (B, d_model, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, d_model, n_patches) -> (B, n_patches, d_model), row-major
+        x = self.proj(x)  # (B, d_model, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, d_model, n_patches) -> (B, n_patches, d_model)、行優先
 
 
 class VisionTransformer(nn.Module):
-    """ViT: patches + CLS token + learned positions → Pre-LN blocks → LayerNorm → head on CLS."""
+    """ViT: パッチ + CLS トークン + 学習可能な位置埋め込み → Pre-LN ブロック → 層正規化 → CLS から分類。"""
 
     def __init__(self, img_size, patch_size, in_channels, n_classes, d_model, n_heads, n_layers, d_ff,
                  dropout=0.0):
         super().__init__()
         self.patch_embed = PatchEmbedding(img_size, patch_size, in_channels, d_model)
-        n_tokens = self.patch_embed.n_patches + 1  # the patches and the CLS token
+        n_tokens = self.patch_embed.n_patches + 1  # パッチと CLS トークン
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, d_model))
-        nn.init.normal_(self.pos_embed, std=0.02)  # as in ViT (from BERT): small, not N(0, 1)
+        nn.init.normal_(self.pos_embed, std=0.02)  # ViT（BERT 由来）と同じく小さく。N(0, 1) ではない
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([TransformerBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)])
         self.ln = nn.LayerNorm(d_model)
@@ -66,39 +66,39 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N + 1, d_model)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x)  # no mask: every token sees every token
-        return self.head(self.ln(x[:, 0]))  # the CLS token's final state
+            x = block(x)  # マスクなし: どのトークンもすべてのトークンを見る
+        return self.head(self.ln(x[:, 0]))  # 最後のブロックを出た CLS トークンから分類
 
 
 def mixup(x, y, alpha, generator=None):
-    """Mixup: mixed_x = lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha); alpha <= 0: lam = 1."""
+    """Mixup: mixed_x = lam * x + (1 - lam) * x[perm]、lam ~ Beta(alpha, alpha)。alpha <= 0 なら lam = 1。"""
     lam = beta_sample(alpha, generator) if alpha > 0 else 1.0
-    perm = torch.randperm(x.size(0), generator=generator).to(x.device)  # one permutation for the batch
+    perm = torch.randperm(x.size(0), generator=generator).to(x.device)  # バッチで 1 つの並べ替え
     mixed_x = lam * x + (1 - lam) * x[perm]
     return mixed_x, y, y[perm], lam
 
 
 def cutmix(x, y, alpha, generator=None):
-    """CutMix: one box of x[perm] pasted into a copy of x; lam = exact share of pixels kept from x."""
+    """CutMix: x[perm] の矩形領域 1 つを x のコピーに貼る。lam は x から残った画素のちょうどの割合。"""
     if alpha <= 0:
         return x.clone(), y, y, 1.0
-    H, W = x.shape[-2:]  # NCHW: height is axis 2, width axis 3
+    H, W = x.shape[-2:]  # NCHW: 高さは軸 2、幅は軸 3
     lam0 = beta_sample(alpha, generator)
-    cut = math.sqrt(1 - lam0)  # the box covers about 1 - lam0 of the image
+    cut = math.sqrt(1 - lam0)  # 領域の面積がおよそ 1 - lam0 になる
     cut_h, cut_w = int(H * cut), int(W * cut)
-    cy = int(torch.randint(H, (), generator=generator))  # box centre, uniform over the image
+    cy = int(torch.randint(H, (), generator=generator))  # 領域の中心は画像全体から一様に
     cx = int(torch.randint(W, (), generator=generator))
-    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)  # clipped at the borders
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)  # 画像の端で切り詰める
     left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
     perm = torch.randperm(x.size(0), generator=generator).to(x.device)
-    mixed_x = x.clone()  # never write into the caller's batch
+    mixed_x = x.clone()  # 呼び出し側の x には書き込まない
     mixed_x[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
-    lam = 1 - (bottom - top) * (right - left) / (H * W)
+    lam = 1 - (bottom - top) * (right - left) / (H * W)  # 切り詰めたあとの実際の面積から
     return mixed_x, y, y[perm], lam
 
 
 def mixed_cross_entropy(logits, y_a, y_b, lam):
-    """Cross-entropy against the mixed label lam * onehot(y_a) + (1 - lam) * onehot(y_b), batch mean."""
+    """混ぜたラベル lam * onehot(y_a) + (1 - lam) * onehot(y_b) に対する交差エントロピー（バッチ平均）。"""
     return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
 
 
@@ -107,10 +107,10 @@ def mixed_cross_entropy(logits, y_a, y_b, lam):
 
 
 def beta_sample(alpha, generator=None):
-    """One draw of Beta(alpha, alpha) as a float, reproducible through a torch.Generator.
+    """Beta(alpha, alpha) から 1 回引いた値（float）。torch.Generator で再現できます。
 
-    PyTorch's ``torch.distributions.Beta`` draws from the global generator only, so the seed
-    of a NumPy generator is taken from ``generator`` instead (the global one when None).
+    PyTorch の torch.distributions.Beta はグローバルな乱数しか使えないので、generator（None なら
+    グローバルな乱数）から整数のシードを 1 つ引き、それで作った NumPy の乱数生成器で引きます。
     """
     seed = int(torch.randint(2**62, (), generator=generator))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
@@ -274,13 +274,13 @@ def attention_maps(model, x):
 
 
 def attention_rollout(maps):
-    """Abnar & Zuidema (2020): average the heads, add the residual path (identity), renormalize
-    the rows and multiply the layers: (B, N + 1, N + 1), how much each token draws on each input."""
+    """アテンションのロールアウト（Abnar & Zuidema, 2020）: 各ブロックでヘッドを平均し、残差接続の分の
+    単位行列を足して行ごとに正規化し、ブロックを順に掛け合わせます。(B, N + 1, N + 1) を返します。"""
     rollout = None
     for weights in maps:
-        a = weights.mean(1)  # (B, T, T), heads averaged
-        a = a + torch.eye(a.size(-1), device=a.device)  # the residual connection carries the token itself
-        a = a / a.sum(-1, keepdim=True)
+        a = weights.mean(1)  # (B, T, T)、ヘッドの平均
+        a = a + torch.eye(a.size(-1), device=a.device)  # 残差接続でトークン自身がそのまま通る分
+        a = a / a.sum(-1, keepdim=True)  # 各行の和を 1 に
         rollout = a if rollout is None else a @ rollout
     return rollout
 

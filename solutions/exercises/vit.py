@@ -143,7 +143,7 @@ def _register_patch_embedding():
         try:
             theirs.load_state_dict(ours.state_dict())
         except RuntimeError as e:
-            raise CheckFailed("パラメータの形が模範解答と違います（proj は in_channels → d_model の nn.Conv2d で、"
+            raise CheckFailed("パラメータの形状が模範解答と違います（proj は in_channels → d_model の nn.Conv2d で、"
                               f"bias=True のままにします）: {str(e).splitlines()[0]}") from None
         return theirs.to(device).eval(), ours.to(device).eval()
 
@@ -394,7 +394,7 @@ def _pasted_box(x, mixed, y_b):
         r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
         contiguous = (r.max() - r.min() + 1 == r.numel()) and (c.max() - c.min() + 1 == c.numel())
         if not contiguous or not torch.equal(box, rows[:, None] & cols[None, :]):
-            raise CheckFailed("貼り付けた領域が 1 つの長方形になっていません。")
+            raise CheckFailed("貼り付けた領域が 1 つの矩形になっていません。")
     return box
 
 
@@ -418,7 +418,7 @@ def _register_cutmix():
                               "高さ H = x.size(2)、幅 W = x.size(3) の取り違えも確認してください。")
         return box
 
-    @ex.test("正方形の画像: 貼る領域は 1 つの長方形、画素は x か x[perm] から、lam は x から残った画素の割合")
+    @ex.test("正方形の画像: 貼る領域は 1 つの矩形、画素は x か x[perm] から、lam は x から残った画素の割合")
     def _(answer, ref):
         for seed in range(20):
             check_case(answer, (6, 1, 8, 8), _generator(seed))
@@ -461,8 +461,9 @@ def _register_cutmix():
         low, high = share_small(0.05), share_small(5.0)
         if low < 0.25 or high > 0.1:
             raise CheckFailed(f"貼り付けた面積が 2 % 以下の回の割合が、alpha=0.05 で {low:.0%}、alpha=5 で {high:.0%} "
-                              "でした（Beta(alpha, alpha) から引いた λ で領域の大きさを決めれば、前者は 3 割以上、"
-                              "後者は 1 割以下になります）。領域の一辺は √(1−λ) に比例させます。")
+                              "でした（Beta(alpha, alpha) から引いた λ で領域の大きさを決めれば、前者は 25 % 以上"
+                              "（模範解答では 4 割台）、後者は 10 % 以下（模範解答では 0 %）になります）。"
+                              "領域の一辺は √(1−λ) に比例させます。")
 
     @ex.test("alpha <= 0 では貼らない（lam = 1、mixed_x = x）")
     def _(answer, ref):
