@@ -79,7 +79,7 @@ def mixup(x, y, alpha, generator=None):
 
 
 def cutmix(x, y, alpha, generator=None):
-    """CutMix: x[perm] の矩形領域 1 つを x のコピーに貼る。lam は x から残った画素のちょうどの割合。"""
+    """CutMix: x[perm] の矩形領域 1 つを x のコピーに貼る。lam は x のまま残った画素の正確な割合。"""
     if alpha <= 0:
         return x.clone(), y, y, 1.0
     H, W = x.shape[-2:]  # NCHW: 高さは軸 2、幅は軸 3

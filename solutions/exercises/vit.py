@@ -241,13 +241,13 @@ def _register_vit():
         with torch.no_grad():
             out = call_without_mutation(theirs, x)
             expected = ours(x)
-            expect_tensor(out, "出力 logits", shape=expected.shape)
+            expect_tensor(out, "出力のロジット", shape=expected.shape)
             if torch.allclose(out, expected, atol=1e-5, rtol=1e-4):
                 return
             for reason, candidates in variants(ours, x).items():
                 if any(torch.allclose(out, v, atol=1e-5, rtol=1e-4) for v in candidates):
                     raise CheckFailed(reason)
-        expect_close(out, expected, "出力 logits", hint=(
+        expect_close(out, expected, "出力のロジット", hint=(
             "順番は、パッチ埋め込み → 先頭に CLS トークンを連結 → pos_embed を足す → dropout → ブロック（マスクなし）"
             " → self.ln → CLS トークン（x[:, 0]）を self.head へ、です。"))
 
@@ -411,14 +411,14 @@ def _register_cutmix():
         H, W = shape[-2:]
         kept = 1 - box.sum().item() / (H * W)
         if abs(kept - lam) > 1e-6:
-            raise CheckFailed(f"返した lam = {lam:.4f} が、x から残った画素の実際の割合 {kept:.4f} と違います"
+            raise CheckFailed(f"返した lam = {lam:.4f} が、x のまま残った画素の実際の割合 {kept:.4f} と違います"
                               f"（{H}×{W} の画像で、貼り付けた領域は "
                               f"{int(box.any(1).sum())}×{int(box.any(0).sum())}）。"
                               "lam は、領域を画像の端で切り詰めたあとの面積から 1 − 面積 / (H·W) で計算し直します。"
                               "高さ H = x.size(2)、幅 W = x.size(3) の取り違えも確認してください。")
         return box
 
-    @ex.test("正方形の画像: 貼る領域は 1 つの矩形、画素は x か x[perm] から、lam は x から残った画素の割合")
+    @ex.test("正方形の画像: 貼る領域は 1 つの矩形、画素は x か x[perm] から、lam は x のまま残った画素の割合")
     def _(answer, ref):
         for seed in range(20):
             check_case(answer, (6, 1, 8, 8), _generator(seed))
