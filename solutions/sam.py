@@ -279,8 +279,8 @@ def make_optimizer(kind, params, lr=0.05, momentum=0.9, weight_decay=5e-4, rho=N
 def train(model, data, optimizer, epochs, batch_size=64, seed=0, freeze_bn_in_second_pass=True):
     """1 エポック = シャッフルした学習データを 1 周。SAM なら 1 ステップで 2 回の順伝播・逆伝播を行います。
 
-    学習率はコサインで 0 まで下げます。返り値は履歴: ステップごとの学習損失（ノイズ入りのラベル）、
-    エポックごとのテスト正解率、勾配の評価回数、かかった秒数。
+    学習率はコサイン減衰で 0 まで下げます。返り値は履歴: ステップごとの学習損失（誤ったラベルを含む
+    学習データで測ったもの）、エポックごとのテスト正解率、勾配の計算回数、かかった秒数。
     """
     is_sam = hasattr(optimizer, "first_step")
     generator = torch.Generator().manual_seed(seed)

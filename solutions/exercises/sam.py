@@ -263,8 +263,11 @@ def _register_sam():
             loss.backward()
             return loss
 
-        closure()  # some implementations expect the gradient at w before step
-        opt.step(closure)
+        try:
+            opt.step(closure)  # no gradient yet: step itself must compute the one at w
+        except Exception as e:  # a reader's error, reported with the likely cause
+            raise CheckFailed(f"勾配がまだない状態で step(closure) を呼ぶと {type(e).__name__} になりました: {e}。"
+                              "step の中で、まず closure() を呼んで w での勾配を計算してください。") from None
         if not _same(_params(model), exp["after"]):
             raise CheckFailed("step(closure) の結果が、first_step → closure() → second_step と違います。")
 
