@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 
 class SAM(torch.optim.Optimizer):
-    """SAM（Foret et al., 2021）: w + ε で測った勾配で、w から基本の最適化手法の 1 歩を進めます。
+    """SAM（Foret et al., 2021）: w + ε で測った勾配で、w からベースの最適化手法の 1 ステップを進めます。
 
     ε = ρ g / ‖g‖（g は w での勾配、ノルムは全パラメータをまとめたもの）。adaptive=True は ASAM
     （Kwon et al., 2021）: ε = ρ T² g / ‖T g‖、T = |w|（成分ごと）。
@@ -49,7 +49,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
-        """w を覚えてから w + ε に移ります。"""
+        """w を保存してから w + ε に移ります。"""
         grad_norm = self._grad_norm()
         for group in self.param_groups:
             scale = group["rho"] / (grad_norm + 1e-12)
@@ -64,7 +64,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
-        """w にぴったり戻してから、w + ε で測った勾配で基本の最適化手法の 1 歩を進めます。"""
+        """w に正確に戻してから、w + ε で測った勾配でベースの最適化手法の 1 ステップを進めます。"""
         for group in self.param_groups:
             for p in group["params"]:
                 if "old_p" in self.state[p]:  # 動かしたパラメータはすべて戻す（いま勾配がなくても）
@@ -86,7 +86,10 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
-        """基本の最適化手法の状態（モーメンタムなど）ごと保存します（SAM 自身の状態は 1 歩の途中にしかない）。"""
+        """ベースの最適化手法の状態（モーメンタムなど）ごと保存します。
+
+        SAM 自身の状態（保存した w）は 1 ステップの途中にしか存在しません。
+        """
         return {"base": self.base_optimizer.state_dict()}
 
     def load_state_dict(self, state_dict):
@@ -173,7 +176,7 @@ def sam_objective_1d(loss_fn, w_grid, rho):
 
 
 def toy_trajectory(loss_fn, start, steps, lr, rho=0.0):
-    """勾配降下法（rho=0）または SAM（rho>0）で、おもちゃの損失の上を進んだ点の列 (steps + 1, dim)。"""
+    """勾配降下法（rho=0）または SAM（rho>0）で、人工的な損失関数の上を進んだ点の列 (steps + 1, dim)。"""
     w = torch.as_tensor(start, dtype=torch.float64).clone().requires_grad_(True)
     path = [w.detach().clone()]
     for _ in range(steps):
@@ -266,7 +269,7 @@ OPTIMIZERS = ("sgd", "sam", "asam")
 
 
 def make_optimizer(kind, params, lr=0.05, momentum=0.9, weight_decay=5e-4, rho=None, sam_cls=SAM):
-    """'sgd'、'sam'（rho 既定 0.05）、'asam'（rho 既定 0.5）。基本はモーメンタムつき SGD。"""
+    """'sgd'、'sam'（rho 既定 0.05）、'asam'（rho 既定 0.5）。ベースはモーメンタムつき SGD。"""
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if kind in ("sam", "asam"):

@@ -134,17 +134,18 @@ def _full_step_case(answer, rho, adaptive=False, seed=0, device="cpu"):
     if _same(now, exp["after"]):
         return
     if _same(now, exp["base_step_at_w_eps"]):
-        raise CheckFailed("基本の最適化手法の 1 歩を w + ε から進めています。second_step では先に w に戻し、"
+        raise CheckFailed("ベースの最適化手法の 1 ステップを w + ε から進めています。second_step では先に w に戻し、"
                           "それから base_optimizer.step() を呼びます（重み減衰が w + ε にかかってしまいます）。")
     if _same(now, exp["base_update_from_w_eps"]):
-        raise CheckFailed("基本の最適化手法の 1 歩を w + ε で計算し、その差分を w に足しています（重み減衰が w + ε に"
-                          "かかります）。second_step では先に w に戻してから base_optimizer.step() を呼びます。")
+        raise CheckFailed("ベースの最適化手法の 1 ステップを w + ε で計算し、その差分を w に足しています"
+                          "（重み減衰が w + ε にかかります）。second_step では先に w に戻してから "
+                          "base_optimizer.step() を呼びます。")
     w_eps = exp["w_eps"]
     if _same(now, w_eps):
-        raise CheckFailed("second_step で w に戻していません（w + ε のまま基本の 1 歩を進めています）。")
+        raise CheckFailed("second_step で w に戻していません（w + ε のままベースの 1 ステップを進めています）。")
     expect_close(torch.cat([now[k].flatten() for k in now]), torch.cat([exp["after"][k].flatten() for k in now]),
                  "second_step のあとのパラメータ", atol=1e-6, rtol=1e-5,
-                 hint="second_step では、first_step で覚えた w にそのまま戻してから、w + ε で測った勾配のまま "
+                 hint="second_step では、first_step で保存した w にそのまま戻してから、w + ε で測った勾配のまま "
                       "base_optimizer.step() を呼びます。")
 
 
@@ -156,7 +157,7 @@ def _register_sam():
         for seed, rho in ((0, 0.05), (1, 0.5)):
             _first_step_case(answer, rho, adaptive=False, seed=seed)
 
-    @ex.test("second_step で w に戻し、w + ε で測った勾配で SGD（モーメンタム・重み減衰つき）の 1 歩を進める")
+    @ex.test("second_step で w に戻し、w + ε で測った勾配で SGD（モーメンタム・重み減衰つき）の 1 ステップを進める")
     def _(answer, ref):
         for seed, rho in ((0, 0.05), (2, 0.3)):
             _full_step_case(answer, rho, seed=seed)
@@ -180,9 +181,9 @@ def _register_sam():
             if not torch.equal(v, before[k]):
                 raise CheckFailed("w に戻したパラメータが元の値とビット単位では一致しません（最大の差 "
                                   f"{(v - before[k]).abs().max().item():.2e}）。ε を引いて戻すと丸め誤差が残るので、"
-                                  "first_step で覚えた w をコピーして戻してください。")
+                                  "first_step で保存した w をコピーして戻してください。")
 
-    @ex.test("rho = 0 なら、基本の最適化手法だけで 3 歩進めたのと同じ")
+    @ex.test("rho = 0 なら、ベースの最適化手法だけで 3 ステップ進めたのと同じ")
     def _(answer, ref):
         a, b = _net(5), _net(5)
         x, y = _batch(5)
@@ -197,10 +198,10 @@ def _register_sam():
             F.cross_entropy(b(x), y).backward()
             base.step()
         if not _same(_params(a), _params(b)):
-            raise CheckFailed("rho = 0 なのに、基本の最適化手法（SGD）だけの場合と結果が違います。2 歩目以降の"
+            raise CheckFailed("rho = 0 なのに、ベースの最適化手法（SGD）だけの場合と結果が違います。2 歩目以降の"
                               "モーメンタムは base_optimizer の状態に任せ、SAM 側で別に持たないでください。")
 
-    @ex.test("param_groups を基本の最適化手法と共有する（学習率を変えると base の 1 歩に効く）")
+    @ex.test("param_groups をベースの最適化手法と共有する（学習率を変えると base の 1 ステップに効く）")
     def _(answer, ref):
         model = _net(6)
         x, y = _batch(6)
@@ -248,9 +249,9 @@ def _register_sam():
         opt.second_step(zero_grad=True)
         if not torch.equal(model[2].bias.detach(), before["2.bias"]):
             raise CheckFailed("2 回目の逆伝播で勾配が None だったパラメータが、w + ε のまま残っています。"
-                              "戻すかどうかは p.grad ではなく、first_step で w を覚えたかどうかで決めてください。")
+                              "戻すかどうかは p.grad ではなく、first_step で w を保存したかどうかで決めてください。")
 
-    @ex.test("step(closure): closure を w と w + ε で呼び、1 歩で first_step + second_step と同じ結果")
+    @ex.test("step(closure): closure を w と w + ε で呼び、1 ステップで first_step + second_step と同じ結果")
     def _(answer, ref):
         model = _net(9)
         x, y = _batch(9)
