@@ -90,6 +90,14 @@ def _build(answer, model, rho=0.05, adaptive=False, **kwargs):
     return opt
 
 
+def _one_round(opt, model, x, y):
+    """One SAM step driven by hand: gradient at w, first_step, gradient at w + ε, second_step."""
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
 def _first_step_case(answer, rho, adaptive, seed=0, device="cpu"):
     model = _net(seed, device)
     x, y = _batch(seed, device=device)
@@ -173,10 +181,7 @@ def _register_sam():
         before = _params(model)
         opt = answer(model.parameters(), torch.optim.SGD, rho=1.7, lr=0.0)
         for _ in range(3):
-            F.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+            _one_round(opt, model, x, y)
         for k, v in _params(model).items():
             if not torch.equal(v, before[k]):
                 raise CheckFailed("w に戻したパラメータが元の値とビット単位では一致しません（最大の差 "
@@ -190,10 +195,7 @@ def _register_sam():
         opt = _build(answer, a, rho=0.0)
         base = torch.optim.SGD(b.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
         for _ in range(3):
-            F.cross_entropy(a(x), y).backward()
-            opt.first_step(zero_grad=True)
-            F.cross_entropy(a(x), y).backward()
-            opt.second_step(zero_grad=True)
+            _one_round(opt, a, x, y)
             base.zero_grad()
             F.cross_entropy(b(x), y).backward()
             base.step()
@@ -209,10 +211,7 @@ def _register_sam():
         for group in opt.param_groups:
             group["lr"] = 0.0  # what a learning-rate scheduler does
         before = _params(model)
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.second_step(zero_grad=True)
+        _one_round(opt, model, x, y)
         if not _same(_params(model), before, atol=1e-6, rtol=0):
             raise CheckFailed("SAM の param_groups の学習率を 0 にしても、パラメータが動きました。base_optimizer を "
                               "self.param_groups で作り、self.param_groups = self.base_optimizer.param_groups と"
