@@ -138,6 +138,27 @@ def block_gradient_norms(model) -> list[float]:
     return [module_gradient_norm(block) for block in blocks]
 
 
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device="cpu",
+                        batch_size: int = 512) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of a classifier on (x, y), in eval mode, in batches.
+
+    The model's training/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i:i + batch_size].to(device))
+            target = y[i:i + batch_size].to(device)
+            loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(-1) == target).sum().item()
+    finally:
+        model.train(was_training)
+    return {"loss": loss / len(x), "accuracy": correct / len(x)}
+
+
 # =======================================================================================
 # Several seeds and training curves
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .instruments import evaluate_classifier
+
 # =======================================================================================
 # Reference answers
 
@@ -255,14 +257,7 @@ def running_stats_frozen(model):
             m.momentum = momentum
 
 
-@torch.no_grad()
-def evaluate(model, x, y, batch_size=1024) -> dict[str, float]:
-    """交差エントロピーの平均と正解率（評価モード）。"""
-    was_training = model.training
-    model.eval()
-    logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return {"loss": F.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(-1) == y).float().mean().item()}
+evaluate = evaluate_classifier  # 交差エントロピーの平均と正解率（評価モード）。共通の道具を使います
 
 
 OPTIMIZERS = ("sgd", "sam", "asam")

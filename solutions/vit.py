@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .instruments import record_outputs
+from .instruments import evaluate_classifier, record_outputs
 from .transformer import TransformerBlock
 
 # =======================================================================================
@@ -171,19 +171,7 @@ def load_digits_images(size=8, test_fraction=0.2, seed=0) -> ImageData:
 AUGMENTATIONS = ("none", "mixup", "cutmix", "both")
 
 
-@torch.no_grad()
-def evaluate(model, x, y, device="cpu", batch_size=512) -> dict[str, float]:
-    """Mean cross-entropy and accuracy on clean (not augmented) images, the model in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size].to(device))
-        target = y[i:i + batch_size].to(device)
-        loss += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-    model.train(was_training)
-    return {"loss": loss / len(x), "accuracy": correct / len(x)}
+evaluate = evaluate_classifier  # loss and accuracy on clean images, in eval mode (the shared instrument)
 
 
 def augment_batch(x, y, augmentation, alpha, generator, mixup_fn=mixup, cutmix_fn=cutmix):

@@ -99,3 +99,18 @@ def test_plot_curve_draws_mean_band_and_reference():
     with pytest.raises(ValueError, match="長さ"):
         ins.plot_curve(ax, [0, 1], runs)
     plt.close(fig)
+
+
+def test_evaluate_classifier_matches_a_direct_computation_and_restores_the_mode():
+    from solutions.instruments import evaluate_classifier
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).train()
+    x, y = torch.randn(50, 4), torch.randint(3, (50,))
+    got = evaluate_classifier(model, x, y, batch_size=7)  # batches that do not divide the data
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert abs(got["loss"] - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
+    assert got["accuracy"] == (logits.argmax(-1) == y).sum().item() / len(y)
