@@ -113,8 +113,9 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     given = set(state)
     if expected != given:
         missing, unexpected = sorted(expected - given), sorted(given - expected)
-        raise KeyError(f"アダプタの名前が合いません。足りない名前 {missing[:3]}…（{len(missing)} 個）、"
-                       f"余分な名前 {unexpected[:3]}…（{len(unexpected)} 個）。注入した層と r を確認してください。")
+        kinds = (("モデルにあってファイルにない名前が", missing), ("ファイルにあってモデルにない名前が", unexpected))
+        parts = [f"{what} {len(names)} 個（たとえば {names[0]}）" for what, names in kinds if names]
+        raise KeyError("アダプタの名前が合いません。" + "、".join(parts) + "。注入した層を確認してください。")
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys  # 上で確かめたので起きないはず
 
@@ -251,7 +252,8 @@ class ArithmeticTask:
         raise ValueError(f"未知の課題 {self.kind!r}")
 
     def split(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """(train, held_out): the same split for every kind, so held-out sums are unseen in both tasks."""
+        """(train, held_out): the same split of ordered pairs (a, b) for every kind, so a held-out pair is
+        unseen in both tasks (its twin (b, a), which has the same sum, may be in training)."""
         pairs = [(a, b) for a in range(self.max_operand + 1) for b in range(self.max_operand + 1)]
         random.Random(self.seed).shuffle(pairs)
         n_val = round(len(pairs) * self.val_fraction)
@@ -407,17 +409,19 @@ def train_causal_lm(model, tokenizer, task: ArithmeticTask, steps: int, lr: floa
 
 
 def adapt(base_source, tokenizer, task: ArithmeticTask, steps: int, lr: float, r: int = 0, targets=ALL_LINEAR,
-          batch_size=32, seed=0, device="cpu"):
-    """One adaptation run from a freshly loaded base: full fine-tuning (r = 0) or LoRA (alpha = 2r).
+          batch_size=32, seed=0, device="cpu", dropout=0.0, eval_every=None):
+    """One adaptation run from a freshly loaded base: full fine-tuning (r = 0) or LoRA (alpha = 2r, ``dropout``).
 
     The seed decides LoRA's A and the order of the batches. Returns (model, history) with the
-    held-out accuracy at the end in ``history["final_accuracy"]``.
+    held-out accuracy at the end in ``history["final_accuracy"]`` (and every ``eval_every`` steps in
+    ``history["accuracy"]``).
     """
     model = load_base(base_source, device)
     torch.manual_seed(seed)
     if r:
-        inject_lora(model, targets, r, 2 * r)
-    history = train_causal_lm(model, tokenizer, task, steps, lr, batch_size=batch_size, seed=seed, device=device)
+        inject_lora(model, targets, r, 2 * r, dropout)
+    history = train_causal_lm(model, tokenizer, task, steps, lr, batch_size=batch_size, seed=seed, device=device,
+                              eval_every=eval_every)
     history["final_accuracy"] = answer_accuracy(model, tokenizer, task, task.split()[1], device)
     return model, history
 

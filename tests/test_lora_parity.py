@@ -167,3 +167,13 @@ def test_accuracy_is_greedy_decoding(tiny):
                           == task.prompt_and_answer(a, b)[1] for a, b in pairs) / len(pairs)
         assert acc == by_decoding
         lora.train_causal_lm(model, tok, task, 30, 3e-3, batch_size=32)
+
+
+def test_all_linear_means_the_seven_block_layers_as_in_peft(tiny):
+    """The chapter's 'every linear layer' (lora.ALL_LINEAR) is what peft's "all-linear" picks: lm_head excluded."""
+    base, _ = tiny
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=2, target_modules="all-linear"))
+    peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+    ours = set(lora.lora_layers(lora.inject_lora(copy.deepcopy(base), lora.ALL_LINEAR, 2, 2)))
+    assert peft_names == ours and not any("lm_head" in n for n in ours)

@@ -73,7 +73,7 @@ def _formula(base_weight, base_bias, A, B, scaling, x):
 lora_linear = register("lora_linear", "LoRA の層（LoRALinear）", chapter=CHAPTER, reference=LoRALinear)
 
 
-@lora_linear.test("渡された nn.Linear を self.base として持ち、その重みとバイアスを凍結する")
+@lora_linear.test("渡された nn.Linear を self.base として持って凍結し、lora_A (r, in)・lora_B (out, r) を学習する")
 def _(Answer, reference):
     base = _linear()
     layer = _build(Answer, base, 4, 8)
@@ -120,7 +120,8 @@ def _(Answer, reference):
     if a.abs().max() > bound * (1 + 1e-5):
         raise CheckFailed(f"lora_A の値が ±1/√in_features = ±{bound:.4f} の範囲を超えています"
                           f"（最大 {a.abs().max():.4f}）。nn.init.kaiming_uniform_(A, a=math.sqrt(5)) を"
-                          "使ってください（nn.Linear の重みと同じ初期化）。")
+                          "使ってください（nn.Linear の重みと同じ初期化。原論文は A をガウス分布で初期化しますが、"
+                          "peft と本書は nn.Linear と同じ一様分布を使います）。")
     # Kolmogorov–Smirnov statistic against U(-bound, bound) over r·in = 4096 values
     u = torch.sort((a + bound) / (2 * bound)).values
     n = u.numel()
@@ -399,7 +400,13 @@ def _(answer, reference):
 @inject.test("nn.Linear でない層（LayerNorm やブロック全体）は、名前が一致しても置き換えない")
 def _(answer, reference):
     model = _tiny_lm()
-    _inject(answer, model, ["norm1", "mlp", "o_proj"])
+    try:
+        _inject(answer, model, ["norm1", "mlp", "o_proj"])
+    except AttributeError as e:
+        if "in_features" in str(e) or "weight" in str(e):
+            raise CheckFailed(f"nn.Linear でない層まで LoRALinear で包もうとしていませんか（{e}）。"
+                              "isinstance(module, nn.Linear) で確かめてから置き換えてください。") from None
+        raise
     _expect_adapted(model, {"layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"}, ["norm1", "mlp", "o_proj"])
     if not isinstance(model.layers[0].norm1, nn.LayerNorm):
         raise CheckFailed("LayerNorm が置き換えられています。置き換えるのは nn.Linear だけです。")

@@ -171,77 +171,75 @@ def _replace(model, name, new):
     setattr(model.get_submodule(parent), child, new)
 
 
-def inject_substring(model, target_modules, r, alpha, dropout=0.0):
-    """The seed's matching: `target in name`."""
-    model.requires_grad_(False)
+def _inject_with(model, selects, make_layer, freeze="first"):
+    """The loop every wrong injection below shares; each changes one of its parts.
+
+    ``selects(name, module)``: which modules to replace; ``make_layer(module)``: the new layer;
+    ``freeze``: "first" (correct), "after" (freeze the whole model once injected) or "never".
+    """
+    if freeze == "first":
+        model.requires_grad_(False)
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and any(t in name for t in target_modules):
-            _replace(model, name, LoRALinear(m, r, alpha, dropout))
+        if selects(name, m):
+            _replace(model, name, make_layer(m))
+    if freeze == "after":
+        model.requires_grad_(False)
     return model
 
 
-def inject_endswith(model, target_modules, r, alpha, dropout=0.0):
-    model.requires_grad_(False)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and name.endswith(tuple(target_modules)):
-            _replace(model, name, LoRALinear(m, r, alpha, dropout))
-    return model
+def _linear_named(targets, match):
+    return lambda name, m: isinstance(m, nn.Linear) and match(name, targets)
 
 
 def _exact(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def inject_substring(model, target_modules, r, alpha, dropout=0.0):
+    """The seed's matching: `target in name`."""
+    return _inject_with(model, _linear_named(target_modules, lambda n, ts: any(t in n for t in ts)),
+                        lambda m: LoRALinear(m, r, alpha, dropout))
+
+
+def inject_endswith(model, target_modules, r, alpha, dropout=0.0):
+    return _inject_with(model, _linear_named(target_modules, lambda n, ts: n.endswith(tuple(ts))),
+                        lambda m: LoRALinear(m, r, alpha, dropout))
+
+
 def inject_then_freeze_all(model, target_modules, r, alpha, dropout=0.0):
     """The seed's order: inject, then freeze the whole model (LoRA included)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and _exact(name, target_modules):
-            _replace(model, name, LoRALinear(m, r, alpha, dropout))
-    for p in model.parameters():
-        p.requires_grad = False
-    return model
+    return _inject_with(model, _linear_named(target_modules, _exact), lambda m: LoRALinear(m, r, alpha, dropout),
+                        freeze="after")
 
 
 def inject_freezes_only_targets(model, target_modules, r, alpha, dropout=0.0):
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and _exact(name, target_modules):
-            _replace(model, name, LoRALinear(m, r, alpha, dropout))
-    return model
+    return _inject_with(model, _linear_named(target_modules, _exact), lambda m: LoRALinear(m, r, alpha, dropout),
+                        freeze="never")
+
+
+def _weight_only_copy(m):
+    fresh = nn.Linear(m.in_features, m.out_features, bias=False)
+    fresh.weight.data = m.weight.data.clone()
+    return fresh
 
 
 def inject_seed_copy_weight_only(model, target_modules, r, alpha, dropout=0.0):
     """The seed's LoRALayer: a new layer without bias that copies only the weight."""
-    model.requires_grad_(False)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and _exact(name, target_modules):
-            fresh = nn.Linear(m.in_features, m.out_features, bias=False)
-            fresh.weight.data = m.weight.data.clone()
-            _replace(model, name, LoRALinear(fresh, r, alpha, dropout))
-    return model
+    return _inject_with(model, _linear_named(target_modules, _exact),
+                        lambda m: LoRALinear(_weight_only_copy(m), r, alpha, dropout))
 
 
 def inject_any_module(model, target_modules, r, alpha, dropout=0.0):
-    model.requires_grad_(False)
-    for name, m in list(model.named_modules()):
-        if name and _exact(name, target_modules):
-            _replace(model, name, LoRALinear(m, r, alpha, dropout))
-    return model
+    return _inject_with(model, lambda name, m: bool(name) and _exact(name, target_modules),
+                        lambda m: LoRALinear(m, r, alpha, dropout))
 
 
 def inject_swaps_r_alpha(model, target_modules, r, alpha, dropout=0.0):
-    model.requires_grad_(False)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and _exact(name, target_modules):
-            _replace(model, name, LoRALinear(m, alpha, r, dropout))
-    return model
+    return _inject_with(model, _linear_named(target_modules, _exact), lambda m: LoRALinear(m, alpha, r, dropout))
 
 
 def inject_drops_dropout(model, target_modules, r, alpha, dropout=0.0):
-    model.requires_grad_(False)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and _exact(name, target_modules):
-            _replace(model, name, LoRALinear(m, r, alpha))
-    return model
+    return _inject_with(model, _linear_named(target_modules, _exact), lambda m: LoRALinear(m, r, alpha))
 
 
 # --------------------------------------------------------------------------- lora_state_dict
@@ -302,7 +300,7 @@ WRONG = {
         (inject_then_freeze_all, "1 つもありません"),
         (inject_freezes_only_targets, "LoRA 以外のパラメータ"),
         (inject_seed_copy_weight_only, "注入した直後の出力"),
-        (inject_any_module, "AttributeError"),
+        (inject_any_module, "isinstance(module, nn.Linear)"),
         (inject_swaps_r_alpha, "r と alpha"),
         (inject_drops_dropout, "dropout"),
     ],
