@@ -426,6 +426,20 @@ def adapt(base_source, tokenizer, task: ArithmeticTask, steps: int, lr: float, r
     return model, history
 
 
+@torch.no_grad()
+def input_energy(model, x, names) -> dict[str, torch.Tensor]:
+    """For each named linear layer, ``singular_value_energy`` of its inputs over every position of the batch ``x``."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda module, args, n=n: inputs.__setitem__(n, args[0].detach())) for n in names]
+    try:
+        model(input_ids=x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: singular_value_energy(inputs[n].flatten(0, -2)) for n in names}
+
+
 def singular_value_energy(delta: torch.Tensor) -> torch.Tensor:
     """Cumulative share of ‖ΔW‖²_F held by the top-k singular directions, k = 1, 2, ..."""
     s = torch.linalg.svdvals(delta.double())

@@ -372,6 +372,9 @@ def _expect_adapted(model, expected: set[str], targets):
                     "「.」+ target で終わる（ピリオドで区切った末尾の部分が一致する）ときだけ置き換えます。")
     if missing:
         msg += f" 置き換わっていない層: {missing}。"
+        if any("." in t for t in targets):
+            msg += (f"target_modules={targets} のようにピリオドを含む名前は、モジュールの名前の末尾の数段と比べます。"
+                    "名前の最後の部分だけで照合していませんか。")
     raise CheckFailed(msg)
 
 
