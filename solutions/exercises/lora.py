@@ -440,7 +440,6 @@ def _(answer, reference):
     before = model(idx).detach()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     _inject(answer, model, ["q_proj", "gate_proj", "lm_head"])
-    expect_close(model(idx), before, "注入した直後の出力", hint="B を 0 で初期化していれば、出力は変わらないはずです。")
     for name in _adapted(model):
         base = getattr(model.get_submodule(name), "base", None)
         W, b = weights[name + ".weight"], weights.get(name + ".bias")
@@ -448,6 +447,7 @@ def _(answer, reference):
                 b is not None and (base.bias is None or not torch.equal(base.bias, b))):
             raise CheckFailed(f"{name} の base が、元の nn.Linear（同じ重みとバイアス）になっていません。"
                               "元の層をそのまま LoRALinear(元の層, r, alpha, dropout) に渡してください。")
+    expect_close(model(idx), before, "注入した直後の出力", hint="B を 0 で初期化していれば、出力は変わらないはずです。")
 
 
 @inject.test("r・alpha が各層に渡り、B を動かすと各層の出力が base(x) + (x Aᵀ Bᵀ)·alpha/r になる")

@@ -299,7 +299,7 @@ WRONG = {
         (inject_endswith, "末尾の文字列だけ"),
         (inject_then_freeze_all, "1 つもありません"),
         (inject_freezes_only_targets, "LoRA 以外のパラメータ"),
-        (inject_seed_copy_weight_only, "注入した直後の出力"),
+        (inject_seed_copy_weight_only, "元の nn.Linear（同じ重みとバイアス）"),
         (inject_any_module, "isinstance(module, nn.Linear)"),
         (inject_swaps_r_alpha, "r と alpha"),
         (inject_drops_dropout, "dropout"),
