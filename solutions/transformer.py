@@ -27,40 +27,40 @@ from .instruments import block_gradient_norms, peak_memory_mib, record_outputs, 
 
 
 def scaled_dot_product_attention(q, k, v, mask=None):
-    """softmax(q kᵀ / √d) v.  q: (..., T_q, d), k: (..., T_k, d), v: (..., T_k, d_v).
+    """softmax(q kᵀ / √d) v。q: (..., T_q, d)、k: (..., T_k, d)、v: (..., T_k, d_v)。
 
-    mask: bool, broadcastable to (..., T_q, T_k), True where attending is allowed.
-    Returns (output (..., T_q, d_v), weights (..., T_q, T_k)).
+    mask: bool で (..., T_q, T_k) にブロードキャストできる形状。見てよい位置が True です。
+    返り値は (出力 (..., T_q, d_v), アテンションの重み (..., T_q, T_k))。
     """
     d = q.size(-1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (..., T_q, T_k)
     if mask is not None:
-        # The most negative finite value: unlike -1e9 it fits fp16, and where a row keeps at least
-        # one key, exp() gives exactly 0 for the masked ones. (A row with every key masked gets
-        # uniform weights; F.scaled_dot_product_attention returns zeros there.)
+        # 有限の値のうち最も小さいもの: -1e9 と違って fp16 にも収まり、見てよいキーが 1 つでもある行では、
+        # マスクした位置の exp() はちょうど 0 になります（すべてのキーをマスクした行は一様な重みになります。
+        # F.scaled_dot_product_attention はそこで 0 を返します）。
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1)  # each row sums to 1 over the keys
+    weights = scores.softmax(dim=-1)  # 各行はキーについて足すと 1
     return weights @ v, weights
 
 
 def causal_mask(T, device=None):
-    """(T, T) bool, True on and below the diagonal: position i may look at 0..i."""
+    """(T, T) の bool。対角線とその下が True で、位置 i は 0..i を見てよい、という意味です。"""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
 def sinusoidal_positional_encoding(max_len, d_model):
-    """(max_len, d_model): PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)."""
+    """(max_len, d_model): PE[pos, 2i] = sin(pos / 10000^(2i/d))、PE[pos, 2i+1] = cos(同じ角度)。"""
     pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float32)  # (d_model/2,)
     angle = pos / 10000 ** (two_i / d_model)  # (max_len, d_model/2)
     pe = torch.zeros(max_len, d_model)
     pe[:, 0::2] = torch.sin(angle)
-    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])  # an odd d_model has one sin more than cos
+    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])  # d_model が奇数なら、sin が cos より 1 列多い
     return pe
 
 
 class MultiHeadAttention(nn.Module):
-    """Pure multi-head attention: no residual connection and no LayerNorm inside."""
+    """マルチヘッドアテンションだけの層です。残差接続と層正規化は含みません。"""
 
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
@@ -84,13 +84,13 @@ class MultiHeadAttention(nn.Module):
         v = self.split_heads(self.W_v(value))  # (B, H, T_k, d_head)
         out, weights = scaled_dot_product_attention(q, k, v, mask)  # weights: (B, H, T_q, T_k)
         if self.training and self.dropout.p > 0:
-            out = self.dropout(weights) @ v  # dropout acts on a copy; the returned weights stay probabilities
-        out = out.transpose(1, 2).reshape(B, T_q, d_model)  # concatenate the heads
+            out = self.dropout(weights) @ v  # dropout はコピーにかけ、返す重みは確率のまま
+        out = out.transpose(1, 2).reshape(B, T_q, d_model)  # ヘッドをつなげる
         return self.W_o(out), weights
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward network: Linear → GELU → Linear → Dropout."""
+    """位置ごとのフィードフォワードネットワーク: Linear → GELU → Linear → Dropout。"""
 
     def __init__(self, d_model, d_ff, dropout=0.0):
         super().__init__()
@@ -103,7 +103,7 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)), then x + FFN(LN(x))."""
+    """Pre-LN のブロック: x + Attn(LN(x))、続いて x + FFN(LN(x))。"""
 
     def __init__(self, d_model, n_heads, d_ff, dropout=0.0):
         super().__init__()
@@ -116,7 +116,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, mask=None):  # (B, T, d_model) -> (B, T, d_model)
         h = self.ln1(x)
         a, _ = self.attn(h, h, h, mask)
-        x = x + self.dropout(a)  # the residual stream itself is never normalized
+        x = x + self.dropout(a)  # 残差ストリームそのものは正規化しない
         x = x + self.ff(self.ln2(x))
         return x
 
