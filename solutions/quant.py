@@ -286,17 +286,18 @@ def quantization_config(kind: str, compute_dtype=torch.float32):
                               bnb_4bit_use_double_quant=kind == "nf4-dq", bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_in(source, kind: str, device="cpu", compute_dtype=torch.float32):
+def load_in(source, kind: str, device="cpu", compute_dtype=torch.float32, dtype="auto"):
     """The model saved at ``source`` (a directory or a Hub name) loaded in one of ``PRECISIONS``.
 
-    Quantized weights are placed on ``device`` while loading (``device_map``), as bitsandbytes needs."""
+    Quantized weights are placed on ``device`` while loading (``device_map``), as bitsandbytes needs;
+    ``dtype`` is the dtype of the parameters that stay unquantized ("auto": as saved)."""
     from transformers import AutoModelForCausalLM
 
     config = quantization_config(kind, compute_dtype)
     if config is None:
         dtype = torch.bfloat16 if kind == "bf16" else torch.float32
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config,
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=dtype,
                                                  device_map={"": torch.device(device)})
     for module in model.modules():
         # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer for its own kernel at the first

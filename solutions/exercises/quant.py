@@ -423,7 +423,7 @@ def _diagnose_accumulation(got, model, loss_fn, batches):
         return ("各マイクロバッチの平均の損失の勾配を、そのまま足しています（割っていません）。"
                 "勾配がマイクロバッチの数の分だけ大きくなります。")
     if _close(got, combo([1.0 / k] * k)):
-        return ("各マイクロバッチの平均の損失を、マイクロバッチの数 k で割って足しています（loss / k）。"
+        return ("各マイクロバッチの平均の損失を、マイクロバッチの数 K で割って足しています（loss / K）。"
                 "これが全体の平均と一致するのは、どのマイクロバッチも数える要素の数が同じときだけです。"
                 "要素の数 n で重みを付け、全体の要素の数 N で割ってください（loss · n / N）。")
     if _close(got, combo([float(n) for n in counts])):

@@ -370,7 +370,7 @@ WRONG = {
         (nf4_nan_on_zero_block, "0.0 の番号"),
     ],
     "accumulate_gradients": [
-        (accumulate_seed_style, "loss / k"),
+        (accumulate_seed_style, "loss / K"),
         (accumulate_without_division, "割っていません"),
         (accumulate_sums_not_divided, "N で割って"),
         (accumulate_zero_grad_inside, "zero_grad"),
