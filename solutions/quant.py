@@ -183,6 +183,9 @@ class Recipe:
     """Bytes per parameter of one training setup: weights, gradients and optimizer state
     (the FP32 master copy of mixed precision counted with the optimizer state, as in ZeRO).
 
+    ``weight`` applies to the linear layers of the decoder layers (what bitsandbytes quantizes) and
+    ``other_weight`` (default: the same) to everything else: embeddings, lm_head and norms, which
+    QLoRA keeps unquantized and prepare_model_for_kbit_training casts to FP32.
     ``trainable`` says which parameters have gradients and optimizer state: "all" or "lora".
     """
 
@@ -191,10 +194,14 @@ class Recipe:
     gradient: float
     optimizer: float
     trainable: str = "all"
+    other_weight: float | None = None
 
-    def bytes(self, n_params: int, n_lora: int = 0) -> dict[str, float]:
+    def bytes(self, n_params: int, n_lora: int = 0, n_linear: int | None = None) -> dict[str, float]:
+        n_linear = n_params if n_linear is None else n_linear
+        other = self.weight if self.other_weight is None else self.other_weight
         n_train = n_params if self.trainable == "all" else n_lora
-        weights = self.weight * n_params + (4 * n_lora if self.trainable == "lora" else 0)  # LoRA's A, B in FP32
+        weights = self.weight * n_linear + other * (n_params - n_linear)
+        weights += 4 * n_lora if self.trainable == "lora" else 0        # LoRA's A and B in FP32
         return {"weights": weights, "gradients": self.gradient * n_train, "optimizer": self.optimizer * n_train}
 
 
@@ -205,8 +212,14 @@ RECIPES = (
     Recipe("混合精度（BF16 + FP32 のマスター重み）+ AdamW", 2, 2, 4 + 8),
     Recipe("混合精度 + AdamW8bit", 2, 2, 4 + 2),
     Recipe("BF16 の凍結した重み + LoRA（FP32、AdamW）", 2, 4, 8, trainable="lora"),
-    Recipe("NF4 + 二重量子化の凍結した重み + LoRA（QLoRA）", NF4_DQ_BYTES, 4, 8, trainable="lora"),
+    Recipe("NF4 + 二重量子化の凍結した重み + LoRA（QLoRA。埋め込み・lm_head は FP32）", NF4_DQ_BYTES, 4, 8,
+           trainable="lora", other_weight=4),
 )
+
+
+def linear_parameters(shape: lora.DecoderShape) -> int:
+    """The parameters of the linear layers inside the decoder layers (the ones QLoRA quantizes)."""
+    return shape.n_layers * sum(i * o for i, o in shape.linear_shapes().values())
 
 
 def zero_bytes_per_parameter(stage: int, n_gpus: int, weight=2, gradient=2, optimizer=12) -> float:
@@ -215,6 +228,17 @@ def zero_bytes_per_parameter(stage: int, n_gpus: int, weight=2, gradient=2, opti
     gradients, 3 also the weights. FSDP's FULL_SHARD corresponds to stage 3."""
     sharded = {0: (), 1: ("o",), 2: ("o", "g"), 3: ("o", "g", "w")}[stage]
     return sum(v / n_gpus if k in sharded else v for k, v in (("w", weight), ("g", gradient), ("o", optimizer)))
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing on a transformers model, non-reentrant. transformers 5 renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable (the old name is deprecated for v6);
+    this uses whichever the installed version has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # =======================================================================================
@@ -299,10 +323,17 @@ def load_in(source, kind: str, device="cpu", compute_dtype=torch.float32, dtype=
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=dtype,
                                                  device_map={"": torch.device(device)})
+    return keep_gpu_layout(model)
+
+
+def keep_gpu_layout(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes' CPU repacking of 4-bit layers; returns the same module.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its own kernel at the first
+    forward in eval mode: double quantization undone, absmax cast to BF16, in_features a multiple of
+    64 required. Keeping the layout (and the numerics) that a GPU uses makes the CPU results comparable.
+    """
     for module in model.modules():
-        # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer for its own kernel at the first
-        # forward in eval mode: double quantization undone, absmax cast to BF16, in_features a multiple
-        # of 64 required. Keep the layout (and the numerics) that a GPU uses.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model

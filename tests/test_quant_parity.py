@@ -145,8 +145,11 @@ def test_recipe_arithmetic():
     n, n_lora = 7_000_000_000, 40_000_000
     full = quant.RECIPES[1].bytes(n)
     assert sum(full.values()) == 16 * n
-    qlora = quant.RECIPES[-1].bytes(n, n_lora)
-    assert qlora["weights"] == pytest.approx(n * 4.127 / 8 + 4 * n_lora, rel=1e-3)
+    shape = lora.LLAMA2_7B
+    n, n_linear = shape.total_parameters(), quant.linear_parameters(shape)
+    assert n - n_linear == 2 * 32000 * 4096 + (2 * 32 + 1) * 4096      # embeddings, lm_head, RMSNorms
+    qlora = quant.RECIPES[-1].bytes(n, n_lora, n_linear)
+    assert qlora["weights"] == pytest.approx(n_linear * 4.127 / 8 + 4 * (n - n_linear) + 4 * n_lora, rel=1e-3)
     assert qlora["optimizer"] == 8 * n_lora
 
 
