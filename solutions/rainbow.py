@@ -1,0 +1,473 @@
+"""Chapter 6 (work in progress): Rainbow DQN on CartPole, one component at a time.
+
+The reference answers (sum tree, C51 projection, factorised noisy layer) and the agent: replay
+with priorities, n-step returns flushed at episode end with termination and truncation kept
+apart, double Q, dueling, noisy layers, the distributional head. One ``Config`` names every
+hyperparameter once; each component can be switched off for the ablation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =======================================================================================
+# Sum tree
+
+
+class SumTree:
+    """Priorities in the leaves of a binary tree whose inner nodes hold the sum of their children.
+
+    ``update`` and ``find`` walk one root-to-leaf path: O(log capacity). Any positive capacity
+    works: the leaves fill a power-of-two layer and the unused ones stay at priority 0.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity は 1 以上にしてください（capacity={capacity}）")
+        self.capacity = capacity
+        self.n_leaves = 1 << (capacity - 1).bit_length()      # 2 のべき乗に切り上げ
+        self.tree = np.zeros(2 * self.n_leaves)                # tree[1] が根、葉は tree[n_leaves:]
+
+    def update(self, index: int, priority: float) -> None:
+        i = index + self.n_leaves
+        self.tree[i] = priority
+        i //= 2
+        while i >= 1:                                          # 根まで、親を子の和で置き直す
+            self.tree[i] = self.tree[2 * i] + self.tree[2 * i + 1]
+            i //= 2
+
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    def find(self, value: float) -> int:
+        """The leaf whose interval [prefix, prefix + priority) contains ``value`` (0 <= value < total())."""
+        i = 1
+        while i < self.n_leaves:
+            left = self.tree[2 * i]
+            if value < left or self.tree[2 * i + 1] <= 0:      # 丸め誤差で空の右の部分木に入らない
+                i = 2 * i
+            else:
+                value -= left
+                i = 2 * i + 1
+        return min(i - self.n_leaves, self.capacity - 1)
+
+    def find_batch(self, values: np.ndarray) -> np.ndarray:
+        """``find`` for many values at once: the same walk, one tree level per step for the whole batch."""
+        values = np.asarray(values, dtype=np.float64).copy()
+        i = np.ones(len(values), dtype=np.int64)
+        while i[0] < self.n_leaves:                            # every walk is at the same depth
+            left = self.tree[2 * i]
+            go_left = (values < left) | (self.tree[2 * i + 1] <= 0)
+            values = np.where(go_left, values, values - left)
+            i = np.where(go_left, 2 * i, 2 * i + 1)
+        return np.minimum(i - self.n_leaves, self.capacity - 1)
+
+
+# =======================================================================================
+# The C51 projection
+
+
+def project_distribution(next_probs: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
+                         support: torch.Tensor, gamma) -> torch.Tensor:
+    """Project r + gamma · z (0 when done) onto the fixed, evenly spaced ``support``.
+
+    next_probs (B, N), rewards and dones (B,), support (N,); ``gamma`` a number or (B,) (already
+    raised to the n-th power). Each atom's mass is split between the two neighbouring atoms in
+    proportion to the distance; when b lands on an atom, all of it goes to that atom.
+    """
+    v_min, v_max = support[0].item(), support[-1].item()
+    n_atoms = support.numel()
+    delta_z = (v_max - v_min) / (n_atoms - 1)
+    gamma = torch.as_tensor(gamma, dtype=next_probs.dtype, device=next_probs.device)
+    not_done = (~dones.bool()).to(next_probs.dtype)
+    tz = rewards[:, None] + (gamma * not_done).reshape(-1, 1) * support[None, :]   # (B, N)
+    tz = tz.clamp(v_min, v_max)
+    b = (tz - v_min) / delta_z                                # (B, N): 連続な位置
+    lower, upper = b.floor().long(), b.ceil().long()
+    on_atom = lower == upper                                  # ちょうど格子点: 全部をそこへ
+    out = torch.zeros_like(next_probs)
+    out.scatter_add_(1, lower, next_probs * (upper.to(b.dtype) - b + on_atom.to(b.dtype)))
+    out.scatter_add_(1, upper, next_probs * (b - lower.to(b.dtype)))
+    return out
+
+
+# =======================================================================================
+# Factorised noisy linear layer (Fortunato et al., 2018)
+
+
+class NoisyLinear(nn.Module):
+    """y = (μ_w + σ_w ⊙ ε_w) x + μ_b + σ_b ⊙ ε_b with factorised noise ε_w = f(ε_out) f(ε_in)ᵀ,
+    f(x) = sign(x)·√|x|. In eval mode only the means are used."""
+
+    def __init__(self, in_features: int, out_features: int, std_init: float = 0.5):
+        super().__init__()
+        self.in_features, self.out_features, self.std_init = in_features, out_features, std_init
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_sigma = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias_mu = nn.Parameter(torch.empty(out_features))
+        self.bias_sigma = nn.Parameter(torch.empty(out_features))
+        self.register_buffer("weight_epsilon", torch.zeros(out_features, in_features))
+        self.register_buffer("bias_epsilon", torch.zeros(out_features))
+        bound = 1 / math.sqrt(in_features)
+        with torch.no_grad():
+            self.weight_mu.uniform_(-bound, bound)
+            self.bias_mu.uniform_(-bound, bound)
+            self.weight_sigma.fill_(std_init / math.sqrt(in_features))
+            self.bias_sigma.fill_(std_init / math.sqrt(in_features))
+        self.reset_noise()
+
+    @staticmethod
+    def _f(x: torch.Tensor) -> torch.Tensor:
+        return x.sign() * x.abs().sqrt()
+
+    @torch.no_grad()
+    def reset_noise(self) -> None:
+        eps_in = self._f(torch.randn(self.in_features, device=self.weight_mu.device))
+        eps_out = self._f(torch.randn(self.out_features, device=self.weight_mu.device))
+        self.weight_epsilon.copy_(torch.outer(eps_out, eps_in))      # 階数 1 の雑音
+        self.bias_epsilon.copy_(eps_out)
+
+    def forward(self, x):
+        if not self.training:
+            return F.linear(x, self.weight_mu, self.bias_mu)
+        weight = self.weight_mu + self.weight_sigma * self.weight_epsilon
+        bias = self.bias_mu + self.bias_sigma * self.bias_epsilon
+        return F.linear(x, weight, bias)
+
+
+# =======================================================================================
+# Settings
+
+
+@dataclass
+class Config:
+    """Every hyperparameter of the agent, named once. The switches turn Rainbow's components off."""
+
+    env_id: str = "CartPole-v1"
+    total_steps: int = 50_000
+    learning_starts: int = 1_000
+    buffer_size: int = 50_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    adam_eps: float = 1.5e-4
+    gamma: float = 0.99
+    target_update: int = 500          # 環境のステップ数
+    train_every: int = 1
+    hidden: int = 128
+    grad_clip: float = 10.0
+    n_step: int = 3
+    alpha: float = 0.5                # 優先度の指数
+    beta_start: float = 0.4           # 重要度サンプリング重みの指数（1 まで線形に上げる）
+    priority_eps: float = 1e-6
+    n_atoms: int = 51
+    v_min: float = 0.0
+    v_max: float = 100.0
+    noisy_std: float = 0.5
+    eps_start: float = 1.0            # noisy を切ったときの ε-greedy
+    eps_end: float = 0.01
+    eps_decay_steps: int = 10_000
+    eval_every: int = 2_500
+    eval_episodes: int = 20
+    target_return: float = 475.0
+    seed: int = 0
+    # Rainbow の部品（False で切る）
+    double: bool = True
+    prioritized: bool = True
+    dueling: bool = True
+    noisy: bool = True
+    distributional: bool = True
+    multi_step: bool = True
+
+
+# =======================================================================================
+# Network
+
+
+class QNetwork(nn.Module):
+    """MLP torso, then a plain or dueling head of plain or noisy layers, scalar or distributional."""
+
+    def __init__(self, obs_dim: int, n_actions: int, cfg: Config):
+        super().__init__()
+        self.n_actions, self.cfg = n_actions, cfg
+        self.n_out = cfg.n_atoms if cfg.distributional else 1
+        layer = (lambda i, o: NoisyLinear(i, o, cfg.noisy_std)) if cfg.noisy else nn.Linear
+        self.torso = nn.Sequential(nn.Linear(obs_dim, cfg.hidden), nn.ReLU())
+        if cfg.dueling:
+            self.value = nn.Sequential(layer(cfg.hidden, cfg.hidden), nn.ReLU(), layer(cfg.hidden, self.n_out))
+        self.advantage = nn.Sequential(layer(cfg.hidden, cfg.hidden), nn.ReLU(),
+                                       layer(cfg.hidden, n_actions * self.n_out))
+        self.register_buffer("support", torch.linspace(cfg.v_min, cfg.v_max, cfg.n_atoms))
+
+    def forward(self, obs):
+        """Logits (B, A, N) when distributional, else Q-values (B, A, 1)."""
+        h = self.torso(obs)
+        a = self.advantage(h).view(-1, self.n_actions, self.n_out)
+        if self.cfg.dueling:
+            v = self.value(h).view(-1, 1, self.n_out)
+            return v + a - a.mean(dim=1, keepdim=True)          # 分布型では softmax の前（ロジット）で合成
+        return a
+
+    def q_values(self, obs):
+        out = self(obs)
+        if self.cfg.distributional:
+            return (out.softmax(dim=-1) * self.support).sum(-1)  # (B, A)
+        return out.squeeze(-1)
+
+    def reset_noise(self):
+        for m in self.modules():
+            if isinstance(m, NoisyLinear):
+                m.reset_noise()
+
+
+# =======================================================================================
+# Replay with n-step returns and priorities
+
+
+class NStepAccumulator:
+    """Turns 1-step transitions into n-step ones: (s_t, a_t, Σ γ^i r_{t+i}, s_{t+k}, terminated, γ^k).
+
+    At the end of an episode the unfinished ones are flushed with k < n steps: after a termination
+    they do not bootstrap; after a truncation they bootstrap from the last observation with γ^k.
+    """
+
+    def __init__(self, n: int, gamma: float):
+        self.n, self.gamma = n, gamma
+        self.pending: deque = deque()
+
+    def push(self, obs, action, reward, next_obs, terminated: bool, truncated: bool) -> list[tuple]:
+        self.pending.append((obs, action, reward))
+        out = []
+        if len(self.pending) == self.n and not terminated:
+            out.append(self._emit(next_obs, terminated=False))
+            self.pending.popleft()
+        if terminated or truncated:
+            while self.pending:
+                out.append(self._emit(next_obs, terminated))
+                self.pending.popleft()
+        return out
+
+    def _emit(self, next_obs, terminated: bool) -> tuple:
+        ret = sum(self.gamma ** i * r for i, (_, _, r) in enumerate(self.pending))
+        obs, action, _ = self.pending[0]
+        return obs, action, ret, next_obs, terminated, self.gamma ** len(self.pending)
+
+
+class ReplayBuffer:
+    """A ring buffer of n-step transitions; with ``prioritized`` a sum tree of priorities^alpha,
+    stratified sampling and importance-sampling weights, new transitions at the current maximum."""
+
+    def __init__(self, capacity: int, obs_dim: int, prioritized: bool, alpha: float, rng: np.random.Generator):
+        self.capacity, self.prioritized, self.alpha, self.rng = capacity, prioritized, alpha, rng
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.returns = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.bool_)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.pos, self.size = 0, 0
+        self.tree = SumTree(capacity) if prioritized else None
+        self.max_priority = 1.0
+
+    def add(self, obs, action, ret, next_obs, terminated, discount) -> None:
+        i = self.pos
+        self.obs[i], self.actions[i], self.returns[i] = obs, action, ret
+        self.next_obs[i], self.terminated[i], self.discounts[i] = next_obs, terminated, discount
+        if self.tree is not None:
+            self.tree.update(i, self.max_priority ** self.alpha)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, beta: float):
+        if self.tree is None:
+            idx = self.rng.integers(0, self.size, size=batch_size)
+            weights = np.ones(batch_size, dtype=np.float32)
+        else:
+            total = self.tree.total()
+            edges = np.linspace(0.0, total, batch_size + 1)
+            values = self.rng.uniform(edges[:-1], edges[1:])            # 層化: 区間ごとに 1 つ
+            idx = self.tree.find_batch(np.minimum(values, np.nextafter(total, 0)))
+            probs = self.tree.tree[idx + self.tree.n_leaves] / total
+            weights = (self.size * probs) ** (-beta)
+            weights = (weights / weights.max()).astype(np.float32)
+        batch = {"obs": self.obs[idx], "actions": self.actions[idx], "returns": self.returns[idx],
+                 "next_obs": self.next_obs[idx], "terminated": self.terminated[idx],
+                 "discounts": self.discounts[idx], "weights": weights}
+        return idx, {k: torch.as_tensor(v) for k, v in batch.items()}
+
+    def update_priorities(self, idx, priorities) -> None:
+        if self.tree is None:
+            return
+        for i, p in zip(idx, priorities, strict=True):
+            self.tree.update(int(i), float(p) ** self.alpha)
+            self.max_priority = max(self.max_priority, float(p))
+
+
+# =======================================================================================
+# Agent
+
+
+class Agent:
+    def __init__(self, obs_dim: int, n_actions: int, cfg: Config):
+        self.cfg, self.n_actions = cfg, n_actions
+        torch.manual_seed(cfg.seed)
+        self.online = QNetwork(obs_dim, n_actions, cfg)
+        self.target = QNetwork(obs_dim, n_actions, cfg)
+        self.target.load_state_dict(self.online.state_dict())
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.rng = np.random.default_rng(cfg.seed)
+
+    @torch.no_grad()
+    def act(self, obs, step: int, greedy: bool = False) -> int:
+        if not self.cfg.noisy and not greedy:
+            frac = min(1.0, step / self.cfg.eps_decay_steps)
+            eps = self.cfg.eps_start + frac * (self.cfg.eps_end - self.cfg.eps_start)
+            if self.rng.random() < eps:
+                return int(self.rng.integers(self.n_actions))
+        self.online.train(not greedy)                               # eval では雑音なし（平均の重み）
+        q = self.online.q_values(torch.as_tensor(obs, dtype=torch.float32)[None])
+        self.online.train()
+        return int(q.argmax(1).item())
+
+    def loss(self, batch):
+        """Per-sample losses (B,) and the ones used as new priorities."""
+        cfg = self.cfg
+        obs, actions, next_obs = batch["obs"], batch["actions"], batch["next_obs"]
+        rewards, dones, discounts = batch["returns"], batch["terminated"], batch["discounts"]
+        with torch.no_grad():
+            online_next = self.online.q_values(next_obs) if cfg.double else self.target.q_values(next_obs)
+            next_actions = online_next.argmax(1)                    # double: 行動は online で選ぶ
+            if cfg.distributional:
+                next_probs = self.target(next_obs).softmax(-1)[torch.arange(len(obs)), next_actions]   # (B, N)
+                target = project_distribution(next_probs, rewards, dones, self.target.support, discounts)
+            else:
+                next_q = self.target.q_values(next_obs).gather(1, next_actions[:, None]).squeeze(1)
+                target = rewards + discounts * (~dones).float() * next_q
+        out = self.online(obs)[torch.arange(len(obs)), actions]     # (B, N) or (B, 1)
+        if cfg.distributional:
+            per_sample = -(target * out.log_softmax(-1)).sum(-1)    # 交差エントロピー
+        else:
+            per_sample = F.smooth_l1_loss(out.squeeze(-1), target, reduction="none")   # Huber
+        return per_sample
+
+    def train_step(self, buffer: ReplayBuffer, step: int) -> float:
+        cfg = self.cfg
+        beta = min(1.0, cfg.beta_start + (1 - cfg.beta_start) * step / cfg.total_steps)
+        idx, batch = buffer.sample(cfg.batch_size, beta)
+        per_sample = self.loss(batch)
+        loss = (batch["weights"] * per_sample).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.online.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        buffer.update_priorities(idx, per_sample.detach().abs().numpy() + cfg.priority_eps)
+        if cfg.noisy:
+            self.online.reset_noise()                               # 更新のたびに雑音を引き直す
+            self.target.reset_noise()
+        return loss.item()
+
+
+def evaluate(agent: Agent, env_id: str, episodes: int, seed: int) -> float:
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    returns = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed + e)
+        done, total = False, 0.0
+        while not done:
+            obs, r, terminated, truncated, _ = env.step(agent.act(obs, 0, greedy=True))
+            total += r
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return float(np.mean(returns))
+
+
+def train(cfg: Config, log=None) -> dict:
+    """Train one agent; returns the history (eval steps and returns, episode returns, steps to target, time)."""
+    import gymnasium as gym
+
+    env = gym.make(cfg.env_id)
+    obs, _ = env.reset(seed=cfg.seed)
+    env.action_space.seed(cfg.seed)
+    agent = Agent(env.observation_space.shape[0], env.action_space.n, cfg)
+    buffer = ReplayBuffer(cfg.buffer_size, env.observation_space.shape[0], cfg.prioritized, cfg.alpha, agent.rng)
+    nstep = NStepAccumulator(cfg.n_step if cfg.multi_step else 1, cfg.gamma)
+    history = {"eval_step": [], "eval_return": [], "episode_return": [], "episode_end": [], "steps_to_target": None,
+               "config": asdict(cfg)}
+    start, episode_return = time.perf_counter(), 0.0
+    for step in range(1, cfg.total_steps + 1):
+        action = agent.act(obs, step)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for transition in nstep.push(obs, action, float(reward), next_obs, terminated, truncated):
+            buffer.add(*transition)
+        episode_return += reward
+        obs = next_obs
+        if terminated or truncated:
+            history["episode_return"].append(episode_return)
+            history["episode_end"].append(step)
+            obs, _ = env.reset()
+            episode_return = 0.0
+        if step > cfg.learning_starts and step % cfg.train_every == 0:
+            agent.train_step(buffer, step)
+        if step % cfg.target_update == 0:
+            agent.target.load_state_dict(agent.online.state_dict())
+        if step % cfg.eval_every == 0:
+            ret = evaluate(agent, cfg.env_id, cfg.eval_episodes, seed=10_000)
+            history["eval_step"].append(step)
+            history["eval_return"].append(ret)
+            if log:
+                log(f"step {step:6d}  評価の収益 {ret:6.1f}  経過 {time.perf_counter() - start:5.0f} 秒")
+            if ret >= cfg.target_return and history["steps_to_target"] is None:
+                history["steps_to_target"] = step
+    history["seconds"] = time.perf_counter() - start
+    env.close()
+    return history
+
+
+# =======================================================================================
+# Sampling cost: the sum tree against sampling over all priorities
+
+
+def seed_style_sample(priorities: np.ndarray, batch_size: int, rng: np.random.Generator,
+                      alpha: float = 0.6) -> np.ndarray:
+    """Sampling as the seed listing does: raise every stored priority to alpha, normalise, and let
+    np.random.choice build the cumulative sums: O(N) per batch."""
+    probs = priorities ** alpha
+    probs /= probs.sum()
+    return rng.choice(len(priorities), size=batch_size, p=probs)
+
+
+def sampling_times_ms(sizes=(10_000, 100_000, 1_000_000), batch_size: int = 32, repeats: int = 20,
+                      seed: int = 0) -> dict[int, tuple[float, float]]:
+    """Median ms per batch of ``batch_size`` for (O(N) sampling, sum tree) at each buffer size."""
+    import statistics
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in sizes:
+        priorities = rng.uniform(0.1, 1.0, n).astype(np.float32)
+        tree = SumTree(n)
+        tree.tree[tree.n_leaves:tree.n_leaves + n] = priorities ** 0.6        # fill the leaves, then the sums bottom-up
+        for i in range(tree.n_leaves - 1, 0, -1):
+            tree.tree[i] = tree.tree[2 * i] + tree.tree[2 * i + 1]
+        flat, with_tree = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            seed_style_sample(priorities, batch_size, rng)
+            flat.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            total = tree.total()
+            edges = np.linspace(0.0, total, batch_size + 1)
+            tree.find_batch(rng.uniform(edges[:-1], edges[1:]))
+            with_tree.append((time.perf_counter() - start) * 1000)
+        out[n] = (statistics.median(flat), statistics.median(with_tree))
+    return out

@@ -1,0 +1,110 @@
+"""Chapter 6 (work in progress): the parts of the Rainbow agent against plain loops and hand-made cases.
+
+The sum tree against priorities (sampling frequencies, a fixed seed and a stated tolerance), the
+C51 projection against a loop over atoms, the noisy layer's factorised noise, and n-step returns
+on a hand-made episode that ends once by truncation and once by termination.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from solutions import rainbow
+
+
+@pytest.mark.parametrize("capacity", [1, 5, 8, 13, 1000])
+def test_sum_tree_total_and_find_match_prefix_sums(capacity):
+    rng = np.random.default_rng(capacity)
+    tree = rainbow.SumTree(capacity)
+    priorities = rng.uniform(0.1, 2.0, capacity)
+    for i, p in enumerate(priorities):
+        tree.update(i, p)
+    tree.update(capacity // 2, 0.7)                       # overwrite one leaf: the sums must follow
+    priorities[capacity // 2] = 0.7
+    assert tree.total() == pytest.approx(priorities.sum())
+    prefix = np.concatenate([[0.0], np.cumsum(priorities)])
+    for value in rng.uniform(0, priorities.sum(), 200):
+        expected = int(np.searchsorted(prefix, value, side="right") - 1)
+        assert tree.find(value) == expected
+    values = rng.uniform(0, priorities.sum(), 64)
+    assert list(tree.find_batch(values)) == [tree.find(v) for v in values]
+    assert tree.find(0.0) == 0
+    assert tree.find(np.nextafter(tree.total(), 0)) == capacity - 1
+
+
+def test_sum_tree_sampling_frequencies_follow_priorities():
+    rng = np.random.default_rng(0)
+    priorities = np.array([1.0, 0.0, 3.0, 0.5, 5.5, 0.0, 2.0])
+    tree = rainbow.SumTree(len(priorities))
+    for i, p in enumerate(priorities):
+        tree.update(i, p)
+    n = 200_000
+    counts = np.bincount([tree.find(v) for v in rng.uniform(0, tree.total(), n)], minlength=len(priorities))
+    expected = priorities / priorities.sum()
+    assert counts[priorities == 0].sum() == 0
+    # each frequency within 4 standard errors of its probability
+    assert np.all(np.abs(counts / n - expected) <= 4 * np.sqrt(expected * (1 - expected) / n) + 1e-12)
+
+
+def projection_by_loop(next_probs, rewards, dones, support, gamma):
+    v_min, v_max, n = support[0].item(), support[-1].item(), support.numel()
+    dz = (v_max - v_min) / (n - 1)
+    out = torch.zeros_like(next_probs, dtype=torch.float64)
+    for i in range(next_probs.shape[0]):
+        for j in range(n):
+            tz = rewards[i].item() + (0.0 if dones[i] else gamma * support[j].item())
+            tz = min(max(tz, v_min), v_max)
+            b = (tz - v_min) / dz
+            lo, hi = math.floor(b), math.ceil(b)
+            p = next_probs[i, j].item()
+            if lo == hi:
+                out[i, lo] += p
+            else:
+                out[i, lo] += p * (hi - b)
+                out[i, hi] += p * (b - lo)
+    return out
+
+
+def test_projection_equals_a_loop_and_conserves_mass():
+    g = torch.Generator().manual_seed(0)
+    support = torch.linspace(-10, 10, 21, dtype=torch.float64)
+    next_probs = torch.rand(6, 21, generator=g, dtype=torch.float64).softmax(-1)
+    rewards = torch.tensor([0.0, 1.0, -3.0, 25.0, 0.5, 1.0], dtype=torch.float64)   # 25 clips to v_max
+    dones = torch.tensor([False, True, False, False, False, True])
+    for gamma in (0.9, 1.0, 0.99 ** 3):                      # 1.0 puts every target exactly on an atom
+        ours = rainbow.project_distribution(next_probs, rewards, dones, support, gamma)
+        torch.testing.assert_close(ours, projection_by_loop(next_probs, rewards, dones, support, gamma))
+        torch.testing.assert_close(ours.sum(-1), torch.ones(6, dtype=torch.float64))
+    done_row = rainbow.project_distribution(next_probs, rewards, dones, support, 0.9)[1]
+    assert done_row[11].item() == pytest.approx(1.0)          # all mass on the terminal reward 1.0
+
+
+def test_noisy_linear_noise_is_factorised_and_absent_in_eval():
+    torch.manual_seed(0)
+    layer = rainbow.NoisyLinear(8, 5, std_init=0.5)
+    assert torch.linalg.matrix_rank(layer.weight_epsilon).item() == 1
+    torch.testing.assert_close(layer.weight_sigma, torch.full((5, 8), 0.5 / math.sqrt(8)))
+    torch.testing.assert_close(layer.bias_sigma, torch.full((5,), 0.5 / math.sqrt(8)))
+    x = torch.randn(3, 8)
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ layer.weight_mu.T + layer.bias_mu)
+    layer.train()
+    before = layer(x)
+    layer.reset_noise()
+    assert not torch.allclose(before, layer(x))
+
+
+def test_n_step_returns_flush_with_truncation_bootstrapping_and_termination_not():
+    acc = rainbow.NStepAccumulator(n=3, gamma=0.5)
+    out = []
+    for t in range(4):                                        # episode 1: truncated after 4 steps
+        out += acc.push(f"s{t}", t, 1.0, f"s{t + 1}", terminated=False, truncated=t == 3)
+    assert [(o[0], o[2], o[3], o[4], o[5]) for o in out] == [
+        ("s0", 1.75, "s3", False, 0.125), ("s1", 1.75, "s4", False, 0.125),
+        ("s2", 1.5, "s4", False, 0.25), ("s3", 1.0, "s4", False, 0.5)]
+    out = []
+    for t in range(2):                                        # episode 2: terminated after 2 steps
+        out += acc.push(f"u{t}", t, 2.0, f"u{t + 1}", terminated=t == 1, truncated=False)
+    assert [(o[0], o[2], o[3], o[4]) for o in out] == [("u0", 3.0, "u2", True), ("u1", 2.0, "u2", True)]
