@@ -8,6 +8,7 @@ hyperparameter once; each component can be switched off for the ablation.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import deque
@@ -391,46 +392,148 @@ def evaluate(agent: Agent, env_id: str, episodes: int, seed: int) -> float:
     return float(np.mean(returns))
 
 
-def train(cfg: Config, log=None) -> dict:
-    """Train one agent; returns the history (eval steps and returns, episode returns, steps to target, time)."""
-    import gymnasium as gym
+class Run:
+    """One training run that can stop and go on: every piece of state lives here, and
+    ``save``/``load`` write it as safetensors (tensors and arrays) plus JSON (numbers, RNG states),
+    never a pickle."""
 
-    env = gym.make(cfg.env_id)
-    obs, _ = env.reset(seed=cfg.seed)
-    env.action_space.seed(cfg.seed)
-    agent = Agent(env.observation_space.shape[0], env.action_space.n, cfg)
-    buffer = ReplayBuffer(cfg.buffer_size, env.observation_space.shape[0], cfg.prioritized, cfg.alpha, agent.rng)
-    nstep = NStepAccumulator(cfg.n_step if cfg.multi_step else 1, cfg.gamma)
-    history = {"eval_step": [], "eval_return": [], "episode_return": [], "episode_end": [], "steps_to_target": None,
-               "config": asdict(cfg)}
-    start, episode_return = time.perf_counter(), 0.0
-    for step in range(1, cfg.total_steps + 1):
-        action = agent.act(obs, step)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        for transition in nstep.push(obs, action, float(reward), next_obs, terminated, truncated):
-            buffer.add(*transition)
-        episode_return += reward
-        obs = next_obs
-        if terminated or truncated:
-            history["episode_return"].append(episode_return)
-            history["episode_end"].append(step)
-            obs, _ = env.reset()
-            episode_return = 0.0
-        if step > cfg.learning_starts and step % cfg.train_every == 0:
-            agent.train_step(buffer, step)
-        if step % cfg.target_update == 0:
-            agent.target.load_state_dict(agent.online.state_dict())
-        if step % cfg.eval_every == 0:
-            ret = evaluate(agent, cfg.env_id, cfg.eval_episodes, seed=10_000)
-            history["eval_step"].append(step)
-            history["eval_return"].append(ret)
-            if log:
-                log(f"step {step:6d}  評価の収益 {ret:6.1f}  経過 {time.perf_counter() - start:5.0f} 秒")
-            if ret >= cfg.target_return and history["steps_to_target"] is None:
-                history["steps_to_target"] = step
-    history["seconds"] = time.perf_counter() - start
-    env.close()
-    return history
+    def __init__(self, cfg: Config):
+        import gymnasium as gym
+
+        self.cfg = cfg
+        self.env = gym.make(cfg.env_id)
+        self.obs, _ = self.env.reset(seed=cfg.seed)
+        self.env.action_space.seed(cfg.seed)
+        obs_dim, n_actions = self.env.observation_space.shape[0], self.env.action_space.n
+        self.agent = Agent(obs_dim, n_actions, cfg)
+        self.buffer = ReplayBuffer(cfg.buffer_size, obs_dim, cfg.prioritized, cfg.alpha, self.agent.rng)
+        self.nstep = NStepAccumulator(cfg.n_step if cfg.multi_step else 1, cfg.gamma)
+        self.step, self.episode_return, self.seconds = 0, 0.0, 0.0
+        self.history = {"eval_step": [], "eval_return": [], "episode_return": [], "episode_end": [],
+                        "loss": [], "steps_to_target": None}
+
+    def advance(self, n_steps: int, log=None) -> None:
+        cfg, agent, buffer = self.cfg, self.agent, self.buffer
+        start = time.perf_counter()
+        for _ in range(n_steps):
+            self.step += 1
+            step = self.step
+            action = agent.act(self.obs, step)
+            next_obs, reward, terminated, truncated, _ = self.env.step(action)
+            for transition in self.nstep.push(self.obs, action, float(reward), next_obs, terminated, truncated):
+                buffer.add(*transition)
+            self.episode_return += float(reward)
+            self.obs = next_obs
+            if terminated or truncated:
+                self.history["episode_return"].append(self.episode_return)
+                self.history["episode_end"].append(step)
+                self.obs, _ = self.env.reset()
+                self.episode_return = 0.0
+            if step > cfg.learning_starts and step % cfg.train_every == 0:
+                self.history["loss"].append(agent.train_step(buffer, step))
+            if step % cfg.target_update == 0:
+                agent.target.load_state_dict(agent.online.state_dict())
+            if step % cfg.eval_every == 0:
+                ret = evaluate(agent, cfg.env_id, cfg.eval_episodes, seed=10_000)
+                self.history["eval_step"].append(step)
+                self.history["eval_return"].append(ret)
+                if log:
+                    elapsed = self.seconds + time.perf_counter() - start
+                    log(f"step {step:6d}  評価の収益 {ret:6.1f}  経過 {elapsed:5.0f} 秒")
+                if ret >= cfg.target_return and self.history["steps_to_target"] is None:
+                    self.history["steps_to_target"] = step
+        self.seconds += time.perf_counter() - start
+
+    # ---- checkpoint -------------------------------------------------------------------
+
+    def save(self, directory) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"online.{k}": v for k, v in self.agent.online.state_dict().items()}
+        tensors |= {f"target.{k}": v for k, v in self.agent.target.state_dict().items()}
+        opt = self.agent.optimizer.state_dict()
+        for pid, state in opt["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{pid}.{name}"] = value
+        b = self.buffer
+        for name in ("obs", "next_obs", "actions", "returns", "terminated", "discounts"):
+            tensors[f"buffer.{name}"] = torch.from_numpy(getattr(b, name).copy())
+        if b.tree is not None:
+            tensors["buffer.tree"] = torch.from_numpy(b.tree.tree.copy())
+        pending = list(self.nstep.pending)
+        if pending:
+            tensors["nstep.obs"] = torch.from_numpy(np.stack([o for o, _, _ in pending]).astype(np.float32))
+        tensors["obs"] = torch.from_numpy(np.asarray(self.obs, dtype=np.float32))
+        tensors["torch_rng"] = torch.get_rng_state()
+        tensors["env.state"] = torch.from_numpy(np.asarray(self.env.unwrapped.state, dtype=np.float64))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
+        info = {"config": asdict(self.cfg), "step": self.step, "episode_return": self.episode_return,
+                "seconds": self.seconds, "history": self.history,
+                "optim_param_groups": opt["param_groups"],
+                "buffer": {"pos": b.pos, "size": b.size, "max_priority": b.max_priority},
+                "nstep": [[a, r] for _, a, r in pending],
+                "numpy_rng": self.agent.rng.bit_generator.state,
+                "env_rng": self.env.unwrapped.np_random.bit_generator.state,
+                "env_elapsed_steps": self.env._elapsed_steps,
+                "env_steps_beyond_terminated": self.env.unwrapped.steps_beyond_terminated}
+        (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory) -> Run:
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        info = json.loads((d / "run.json").read_text(encoding="utf-8"))
+        tensors = load_file(d / "run.safetensors")
+        run = cls(Config(**info["config"]))
+        agent, b = run.agent, run.buffer
+
+        def part(prefix):
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        agent.online.load_state_dict(part("online."))
+        agent.target.load_state_dict(part("target."))
+        state: dict = {}
+        for key, value in part("optim.").items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        agent.optimizer.load_state_dict({"state": state, "param_groups": info["optim_param_groups"]})
+        for name in ("obs", "next_obs", "actions", "returns", "terminated", "discounts"):
+            getattr(b, name)[:] = tensors[f"buffer.{name}"].numpy()
+        if b.tree is not None:
+            b.tree.tree[:] = tensors["buffer.tree"].numpy()
+        b.pos, b.size, b.max_priority = info["buffer"]["pos"], info["buffer"]["size"], info["buffer"]["max_priority"]
+        run.nstep.pending.clear()
+        for o, (a, r) in zip(tensors.get("nstep.obs", torch.zeros(0)).numpy(), info["nstep"], strict=True):
+            run.nstep.pending.append((o, a, r))
+        run.obs = tensors["obs"].numpy()
+        run.step, run.episode_return, run.seconds = info["step"], info["episode_return"], info["seconds"]
+        run.history = info["history"]
+        agent.rng.bit_generator.state = info["numpy_rng"]
+        torch.set_rng_state(tensors["torch_rng"])
+        run.env.unwrapped.state = tensors["env.state"].numpy()
+        run.env.unwrapped.np_random.bit_generator.state = info["env_rng"]
+        run.env._elapsed_steps = info["env_elapsed_steps"]
+        run.env.unwrapped.steps_beyond_terminated = info["env_steps_beyond_terminated"]
+        return run
+
+
+def train(cfg: Config, log=None, checkpoint_dir=None, checkpoint_every: int = 5_000) -> dict:
+    """Train one agent (resuming from ``checkpoint_dir`` when it holds a run); returns the history."""
+    from pathlib import Path
+
+    run = Run.load(checkpoint_dir) if checkpoint_dir and (Path(checkpoint_dir) / "run.json").exists() else Run(cfg)
+    while run.step < cfg.total_steps:
+        run.advance(min(checkpoint_every, cfg.total_steps - run.step), log=log)
+        if checkpoint_dir:
+            run.save(checkpoint_dir)
+    return {**run.history, "seconds": run.seconds, "config": asdict(run.cfg)}
 
 
 # =======================================================================================

@@ -108,3 +108,25 @@ def test_n_step_returns_flush_with_truncation_bootstrapping_and_termination_not(
     for t in range(2):                                        # episode 2: terminated after 2 steps
         out += acc.push(f"u{t}", t, 2.0, f"u{t + 1}", terminated=t == 1, truncated=False)
     assert [(o[0], o[2], o[3], o[4]) for o in out] == [("u0", 3.0, "u2", True), ("u1", 2.0, "u2", True)]
+
+
+def test_checkpoint_and_resume_continue_the_same_run(tmp_path):
+    cfg = rainbow.Config(hidden=32, buffer_size=1500, learning_starts=200, batch_size=16, target_update=100,
+                         eval_every=10**9, n_atoms=11, seed=3)
+    straight = rainbow.Run(cfg)
+    straight.advance(900)                                     # crosses episode ends and a target update
+
+    first = rainbow.Run(cfg)
+    first.advance(450)
+    first.save(tmp_path)
+    resumed = rainbow.Run.load(tmp_path)
+    assert (tmp_path / "run.json").exists() and not list(tmp_path.glob("*.pkl"))
+    resumed.advance(450)
+
+    assert resumed.step == straight.step == 900
+    assert resumed.history["loss"] == straight.history["loss"]
+    assert resumed.history["episode_return"] == straight.history["episode_return"]
+    for (k, a), b in zip(straight.agent.online.state_dict().items(), resumed.agent.online.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    assert [straight.agent.act(straight.obs, 0, greedy=True)] == [resumed.agent.act(resumed.obs, 0, greedy=True)]
