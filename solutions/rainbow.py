@@ -524,18 +524,6 @@ class Run:
         return run
 
 
-def train(cfg: Config, log=None, checkpoint_dir=None, checkpoint_every: int = 5_000) -> dict:
-    """Train one agent (resuming from ``checkpoint_dir`` when it holds a run); returns the history."""
-    from pathlib import Path
-
-    run = Run.load(checkpoint_dir) if checkpoint_dir and (Path(checkpoint_dir) / "run.json").exists() else Run(cfg)
-    while run.step < cfg.total_steps:
-        run.advance(min(checkpoint_every, cfg.total_steps - run.step), log=log)
-        if checkpoint_dir:
-            run.save(checkpoint_dir)
-    return {**run.history, "seconds": run.seconds, "config": asdict(run.cfg)}
-
-
 # =======================================================================================
 # Sampling cost: the sum tree against sampling over all priorities
 

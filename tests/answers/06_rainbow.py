@@ -135,14 +135,19 @@ class LinearScan:
 # --------------------------------------------------------------------------- project_distribution
 
 
+def _positions(next_probs, rewards, dones, support, gamma):
+    """b = (clip(r + γz, v_min, v_max) - v_min) / Δz, and its floor and ceiling (shared by the cases below)."""
+    v_min, v_max = support[0].item(), support[-1].item()
+    dz = (v_max - v_min) / (support.numel() - 1)
+    tz = (rewards[:, None] + gamma * (~dones.bool()).to(next_probs.dtype)[:, None] * support[None]).clamp(v_min, v_max)
+    b = (tz - v_min) / dz
+    return b, b.floor().long(), b.ceil().long()
+
+
 def projection_with_nudge(next_probs, rewards, dones, support, gamma):
     """Correct: the common trick of moving l or u by one when b lands on an atom, index_add_ per row."""
     n = support.numel()
-    v_min, v_max = support[0].item(), support[-1].item()
-    dz = (v_max - v_min) / (n - 1)
-    tz = (rewards[:, None] + gamma * (~dones.bool()).to(next_probs.dtype)[:, None] * support[None]).clamp(v_min, v_max)
-    b = (tz - v_min) / dz
-    lo, up = b.floor().long(), b.ceil().long()
+    b, lo, up = _positions(next_probs, rewards, dones, support, gamma)
     lo[(up > 0) & (lo == up)] -= 1
     up[(lo < n - 1) & (lo == up)] += 1
     out = torch.zeros_like(next_probs)
@@ -154,12 +159,7 @@ def projection_with_nudge(next_probs, rewards, dones, support, gamma):
 
 def projection_drops_exact_atoms(next_probs, rewards, dones, support, gamma):
     """Wrong: (u - b) and (b - l) are both 0 when b is an integer, so that mass disappears."""
-    n = support.numel()
-    v_min, v_max = support[0].item(), support[-1].item()
-    dz = (v_max - v_min) / (n - 1)
-    tz = (rewards[:, None] + gamma * (~dones.bool()).to(next_probs.dtype)[:, None] * support[None]).clamp(v_min, v_max)
-    b = (tz - v_min) / dz
-    lo, up = b.floor().long(), b.ceil().long()
+    b, lo, up = _positions(next_probs, rewards, dones, support, gamma)
     out = torch.zeros_like(next_probs)
     out.scatter_add_(1, lo, next_probs * (up.to(b.dtype) - b))
     out.scatter_add_(1, up, next_probs * (b - lo.to(b.dtype)))
