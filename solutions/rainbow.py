@@ -1,4 +1,4 @@
-"""Chapter 6 (work in progress): Rainbow DQN on CartPole, one component at a time.
+"""Chapter 6: Rainbow DQN on CartPole, one component at a time.
 
 The reference answers (sum tree, C51 projection, factorised noisy layer) and the agent: replay
 with priorities, n-step returns flushed at episode end with termination and truncation kept
@@ -61,15 +61,24 @@ class SumTree:
         return min(i - self.n_leaves, self.capacity - 1)
 
     def find_batch(self, values: np.ndarray) -> np.ndarray:
-        """``find`` for many values at once: the same walk, one tree level per step for the whole batch."""
-        values = np.asarray(values, dtype=np.float64).copy()
+        """``find`` for many values at once: the same walk, one tree level per step for the whole batch.
+
+        Five NumPy calls per level, whatever the batch size. Rounding can (rarely) lead a walk into a
+        subtree whose priorities are all 0; those few values are walked again with ``find``.
+        """
+        start = np.array(values, dtype=np.float64)
+        values = start.copy()                                  # the walk subtracts in place
         i = np.ones(len(values), dtype=np.int64)
-        while i[0] < self.n_leaves:                            # every walk is at the same depth
-            left = self.tree[2 * i]
-            go_left = (values < left) | (self.tree[2 * i + 1] <= 0)
-            values = np.where(go_left, values, values - left)
-            i = np.where(go_left, 2 * i, 2 * i + 1)
-        return np.minimum(i - self.n_leaves, self.capacity - 1)
+        for _ in range(self.n_leaves.bit_length() - 1):        # the depth of the tree
+            i *= 2                                             # the left child
+            left = self.tree[i]
+            right = values >= left
+            np.subtract(values, left, out=values, where=right)
+            i += right                                         # the right child where value >= the left sum
+        leaves = i - self.n_leaves
+        for k in np.flatnonzero(self.tree[i] <= 0):
+            leaves[k] = self.find(float(start[k]))
+        return leaves
 
 
 # =======================================================================================
@@ -93,7 +102,7 @@ def project_distribution(next_probs: torch.Tensor, rewards: torch.Tensor, dones:
     tz = tz.clamp(v_min, v_max)
     b = (tz - v_min) / delta_z                                # (B, N): 連続な位置
     lower, upper = b.floor().long(), b.ceil().long()
-    on_atom = lower == upper                                  # ちょうど格子点: 全部をそこへ
+    on_atom = lower == upper                                  # ちょうどアトムの上: 全部をそこへ
     out = torch.zeros_like(next_probs)
     out.scatter_add_(1, lower, next_probs * (upper.to(b.dtype) - b + on_atom.to(b.dtype)))
     out.scatter_add_(1, upper, next_probs * (b - lower.to(b.dtype)))
@@ -153,7 +162,7 @@ class Config:
     """Every hyperparameter of the agent, named once. The switches turn Rainbow's components off."""
 
     env_id: str = "CartPole-v1"
-    total_steps: int = 50_000
+    total_steps: int = 30_000         # β の焼きなましもこの長さで 1 に達する
     learning_starts: int = 1_000
     buffer_size: int = 50_000
     batch_size: int = 64
@@ -327,6 +336,10 @@ class Agent:
 
     @torch.no_grad()
     def act(self, obs, step: int, greedy: bool = False) -> int:
+        if not greedy and step <= self.cfg.learning_starts:
+            # 学習を始めるまでは一様にでたらめに動き、バッファにどの行動の遷移も入れる（雑音はまだ
+            # 引き直されないので、ノイジーネットワークに任せると同じ行動ばかりになる）
+            return int(self.rng.integers(self.n_actions))
         if not self.cfg.noisy and not greedy:
             frac = min(1.0, step / self.cfg.eps_decay_steps)
             eps = self.cfg.eps_start + frac * (self.cfg.eps_end - self.cfg.eps_start)
@@ -483,6 +496,16 @@ class Run:
         (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
+    def resume_or_new(cls, cfg: Config, directory) -> Run:
+        """The run saved in ``directory`` if it was started with exactly these settings, else a new one."""
+        from pathlib import Path
+
+        info = Path(directory) / "run.json"
+        if info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == asdict(cfg):
+            return cls.load(directory)
+        return cls(cfg)
+
+    @classmethod
     def load(cls, directory) -> Run:
         from pathlib import Path
 
@@ -562,3 +585,97 @@ def sampling_times_ms(sizes=(10_000, 100_000, 1_000_000), batch_size: int = 32, 
             with_tree.append((time.perf_counter() - start) * 1000)
         out[n] = (statistics.median(flat), statistics.median(with_tree))
     return out
+
+
+# =======================================================================================
+# Ablation: Rainbow minus one component at a time, and plain DQN
+
+COMPONENTS = ("double", "prioritized", "multi_step", "dueling", "noisy", "distributional")
+VARIANTS = {"rainbow": {}, **{f"no_{c}": {c: False} for c in COMPONENTS},
+            "dqn": dict.fromkeys(COMPONENTS, False)}
+RUNS_CSV = "data/rainbow_runs.csv"          # inside the package: solutions/data/rainbow_runs.csv
+RUNS_FIELDS = ("variant", "seed", "step", "eval_return", "seconds")
+
+
+def variant_config(variant: str, seed: int, total_steps: int, **overrides) -> Config:
+    return Config(seed=seed, total_steps=total_steps, **VARIANTS[variant], **overrides)
+
+
+def run_variant(variant: str, seed: int, total_steps: int, **overrides) -> list[dict]:
+    """One training run; a row per evaluation (step, greedy mean return, seconds so far)."""
+    torch.set_num_threads(1)                 # one core per run, so that two runs can share two cores
+    run = Run(variant_config(variant, seed, total_steps, **overrides))
+    rows = []
+
+    def record(_message):
+        rows.append({"variant": variant, "seed": seed, "step": run.step,
+                     "eval_return": run.history["eval_return"][-1],
+                     "seconds": round(run.seconds + time.perf_counter() - started, 1)})
+
+    started = time.perf_counter()
+    run.advance(total_steps, log=record)
+    return rows
+
+
+def _run_variant_job(args):
+    return run_variant(*args)
+
+
+def write_reference_runs(path, variants=tuple(VARIANTS), seeds=(0, 1, 2), total_steps: int = 30_000,
+                         jobs: int = 2) -> None:
+    """Every (variant, seed) run, ``jobs`` at a time, written as one long CSV."""
+    import csv
+    import multiprocessing as mp
+    from pathlib import Path
+
+    work = [(v, s, total_steps) for v in variants for s in seeds]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        results = pool.map(_run_variant_job, work, chunksize=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=RUNS_FIELDS)
+        writer.writeheader()
+        for rows in results:
+            writer.writerows(rows)
+
+
+def read_reference_runs(path=None) -> list[dict]:
+    """The stored reference runs (the package's CSV unless ``path`` is given)."""
+    import csv
+    from importlib import resources
+    from pathlib import Path
+
+    source = Path(path) if path else resources.files("solutions").joinpath(RUNS_CSV)
+    text = source.read_text(encoding="utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
+             "eval_return": float(r["eval_return"]), "seconds": float(r["seconds"])} for r in rows]
+
+
+def reference_curves(rows: list[dict], variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """One variant's stored runs: the evaluation steps (points,) and the returns (seeds, points)."""
+    mine = [r for r in rows if r["variant"] == variant]
+    if not mine:
+        raise ValueError(f"参照の記録に {variant!r} がありません（あるもの: {sorted({r['variant'] for r in rows})}）")
+    seeds = sorted({r["seed"] for r in mine})
+    steps = sorted({r["step"] for r in mine})
+    table = {(r["seed"], r["step"]): r["eval_return"] for r in mine}
+    return np.array(steps), np.array([[table[s, t] for t in steps] for s in seeds])
+
+
+if __name__ == "__main__":
+    # Regenerates the stored reference runs (about 25 minutes on 2 cores):
+    #   python -m solutions.rainbow --out solutions/data/rainbow_runs.csv
+    import argparse
+
+    parser = argparse.ArgumentParser(description="第6章の参照の学習（アブレーション）を実行して CSV に書きます")
+    parser.add_argument("--out", default="solutions/data/rainbow_runs.csv")
+    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    from solutions.rainbow import write_reference_runs as write  # the importable module, so that workers can find it
+
+    write(args.out, args.variants, tuple(args.seeds), args.steps, args.jobs)

@@ -48,11 +48,13 @@ def test_execution_is_cached_with_a_cell_timeout_and_exclusions():
 
 
 def test_the_wheel_colab_installs_carries_every_module(tmp_path):
-    """Colab installs the package from git (not editable): every module of solutions/ must be in it."""
+    """Colab installs the package from git (not editable): every module and data file of solutions/ must be in it."""
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                              "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
-    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    names = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "solutions").rglob("*.py")}
-    assert expected <= shipped, sorted(expected - shipped)
+    assert expected <= names, sorted(expected - names)
+    data = {p.relative_to(ROOT).as_posix() for p in (ROOT / "solutions" / "data").glob("*") if p.is_file()}
+    assert data <= names, sorted(data - names)          # stored reference runs that chapters draw bands from

@@ -5,6 +5,7 @@ C51 projection against a loop over atoms, the noisy layer's factorised noise, an
 on a hand-made episode that ends once by truncation and once by termination.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -32,6 +33,18 @@ def test_sum_tree_total_and_find_match_prefix_sums(capacity):
     assert list(tree.find_batch(values)) == [tree.find(v) for v in values]
     assert tree.find(0.0) == 0
     assert tree.find(np.nextafter(tree.total(), 0)) == capacity - 1
+
+
+def test_find_batch_equals_find_at_boundaries_zero_leaves_and_a_partly_filled_tree():
+    tree = rainbow.SumTree(1000)                          # a buffer with 7 of 1000 places filled
+    priorities = [1.0, 0.0, 3.0, 0.5, 5.5, 0.0, 2.0]
+    for i, p in enumerate(priorities):
+        tree.update(i, p ** 0.5)
+    prefix = np.cumsum([0.0] + [p ** 0.5 for p in priorities])
+    values = np.concatenate([prefix[:-1], [np.nextafter(tree.total(), 0)],
+                             np.random.default_rng(0).uniform(0, tree.total(), 500)])
+    assert list(tree.find_batch(values)) == [tree.find(v) for v in values]
+    assert set(tree.find_batch(values)) <= {0, 2, 3, 4, 6}
 
 
 def test_sum_tree_sampling_frequencies_follow_priorities():
@@ -130,3 +143,26 @@ def test_checkpoint_and_resume_continue_the_same_run(tmp_path):
                          strict=True):
         assert torch.equal(a, b), k
     assert [straight.agent.act(straight.obs, 0, greedy=True)] == [resumed.agent.act(resumed.obs, 0, greedy=True)]
+
+
+def test_resume_or_new_only_resumes_the_same_settings(tmp_path):
+    cfg = rainbow.Config(hidden=32, buffer_size=500, learning_starts=100, batch_size=16, eval_every=10**9,
+                         n_atoms=11, seed=1)
+    run = rainbow.Run(cfg)
+    run.advance(150)
+    run.save(tmp_path)
+    assert rainbow.Run.resume_or_new(cfg, tmp_path).step == 150
+    assert rainbow.Run.resume_or_new(dataclasses.replace(cfg, lr=3e-4), tmp_path).step == 0
+    assert rainbow.Run.resume_or_new(cfg, tmp_path / "missing").step == 0
+
+
+def test_stored_reference_runs_cover_every_variant_and_seed():
+    rows = rainbow.read_reference_runs()
+    assert {r["variant"] for r in rows} == set(rainbow.VARIANTS)
+    default = rainbow.Config()
+    steps = list(range(default.eval_every, default.total_steps + 1, default.eval_every))
+    for variant in rainbow.VARIANTS:
+        for seed in (0, 1, 2):
+            mine = [r for r in rows if r["variant"] == variant and r["seed"] == seed]
+            assert [r["step"] for r in mine] == steps, (variant, seed)
+            assert all(0 < r["eval_return"] <= 500 for r in mine)

@@ -1,5 +1,4 @@
-"""Chapter 6's answer cases for the checker (the chapter is work in progress; these are used by
-tests/test_exercises.py once 06_rainbow is in _toc.yml, and by hand until then).
+"""Chapter 6's answer cases for the checker (used by tests/test_exercises.py).
 
 ``CORRECT``: answers written differently from the reference that must pass.
 ``WRONG``: the mistakes readers actually make, each with a phrase the verdict must contain.
@@ -53,11 +52,50 @@ class FenwickSumTree:
         return pos
 
 
+class HeapSumTree:
+    """Correct: the common layout of 2·capacity − 1 nodes with the leaves at capacity − 1 + index and the
+    root at 0. When the capacity is not a power of two the leaves cover [0, total) out of index order
+    (the deepest level first), which is still sampling in proportion to the priorities."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.nodes = np.zeros(2 * capacity - 1)
+
+    def update(self, index, priority):
+        node = index + self.capacity - 1
+        change = priority - self.nodes[node]
+        self.nodes[node] = priority
+        while node > 0:                                    # add the change to every ancestor
+            node = (node - 1) // 2
+            self.nodes[node] += change
+
+    def total(self):
+        return float(self.nodes[0])
+
+    def find(self, value):
+        node = 0
+        while 2 * node + 1 < len(self.nodes):
+            left, right = 2 * node + 1, 2 * node + 2
+            if value < self.nodes[left] or self.nodes[right] <= 0:
+                node = left
+            else:
+                value -= self.nodes[left]
+                node = right
+        return node - (self.capacity - 1)
+
+
 class TreeWithoutPropagation(SumTree):
     """Wrong: the leaf is written but the parents are not updated."""
 
     def update(self, index, priority):
         self.tree[index + self.n_leaves] = priority
+
+
+class TreeTotalFromWrongNode(SumTree):
+    """Wrong: total() reads tree[0], the unused slot of the 1-based layout, instead of the root tree[1]."""
+
+    def total(self):
+        return float(self.tree[0])
 
 
 class TreeFindsWrongWay(SumTree):
@@ -86,8 +124,10 @@ class TreeForgetsToSubtract(SumTree):
         return min(i - self.n_leaves, self.capacity - 1)
 
 
-class TreePowerOfTwoOnly:
-    """Wrong: assumes the capacity is a power of two."""
+class IterativeSegmentTree:
+    """Correct: 2·capacity nodes, the leaves at capacity + index, node i's children 2i and 2i + 1. For any
+    capacity every node below capacity has both children in range, so the walk from the root reaches each
+    leaf once; when the capacity is not a power of two the leaves are out of index order, which is fine."""
 
     def __init__(self, capacity):
         self.capacity = capacity
@@ -114,6 +154,15 @@ class TreePowerOfTwoOnly:
                 value -= left
                 i = 2 * i + 1
         return i - self.capacity
+
+
+class TreeRoundsCapacityDown(SumTree):
+    """Wrong: rounds the leaf layer down to a power of two, so the last indices fall off the tree."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.n_leaves = 1 << (capacity.bit_length() - 1)
+        self.tree = np.zeros(2 * self.n_leaves)
 
 
 class LinearScan:
@@ -155,6 +204,17 @@ def projection_with_nudge(next_probs, rewards, dones, support, gamma):
         out[i].index_add_(0, lo[i], next_probs[i] * (up[i].to(b.dtype) - b[i]))
         out[i].index_add_(0, up[i], next_probs[i] * (b[i] - lo[i].to(b.dtype)))
     return out
+
+
+def projection_by_triangles(next_probs, rewards, dones, support, gamma):
+    """Correct: the closed form of Rowland et al. (2018), each target spread over the atoms by the
+    triangle kernel clamp(1 - |Tz_j - z_i| / Δz, 0, 1); a dense (B, N, N) product instead of an index."""
+    v_min, v_max = support[0], support[-1]
+    dz = (v_max - v_min) / (support.numel() - 1)
+    keep = 1.0 - dones.to(next_probs.dtype)
+    tz = (rewards[:, None] + gamma * keep[:, None] * support[None]).clamp(v_min, v_max)      # (B, N)
+    kernel = (1 - (tz[:, None, :] - support[None, :, None]).abs() / dz).clamp(0, 1)          # (B, N_i, N_j)
+    return torch.einsum("bij,bj->bi", kernel, next_probs)
 
 
 def projection_drops_exact_atoms(next_probs, rewards, dones, support, gamma):
@@ -273,22 +333,23 @@ class NoisyBiasOwnNoise(NoisyLinear):
 
 
 CORRECT = {
-    "sum_tree": [FenwickSumTree],
-    "project_distribution": [projection_with_nudge],
+    "sum_tree": [FenwickSumTree, HeapSumTree, IterativeSegmentTree],
+    "project_distribution": [projection_with_nudge, projection_by_triangles],
     "noisy_linear": [NoisyWithSeparateTerms],
 }
 
 WRONG = {
     "sum_tree": [
         (TreeWithoutPropagation, "根まで"),
+        (TreeTotalFromWrongNode, "total()"),
         (TreeFindsWrongWay, "find("),
         (TreeForgetsToSubtract, "左の子の和を引きます"),
-        (TreePowerOfTwoOnly, "2 のべき乗でなくても"),
+        (TreeRoundsCapacityDown, "2 のべき乗でなくても"),
         (LinearScan, "O(log 容量)"),
     ],
     "project_distribution": [
-        (projection_drops_exact_atoms, "格子点"),
-        (projection_ignores_dones, "終端"),
+        (projection_drops_exact_atoms, "アトムの上に乗る"),
+        (projection_ignores_dones, "終了"),
         (projection_without_clipping, "和が 1 になりません"),
     ],
     "noisy_linear": [

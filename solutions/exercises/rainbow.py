@@ -1,16 +1,13 @@
-"""Chapter 6's exercises (work in progress: the chapter is not in _toc.yml yet).
-
-Parked here because tests/test_chapters.py requires every module of solutions.exercises to belong
-to a chapter of _toc.yml. When chapter 6 is enrolled, move this file to
-solutions/exercises/rainbow.py and turn the two absolute imports back into relative ones.
-Try it by hand meanwhile: `import wip.rainbow_exercises` from the repository root, then
-`solutions.checker.evaluate("sum_tree", ...)`.
+"""Chapter 6's exercises: their registrations and the tests that grade a reader's answer.
 
 The sum tree is judged by what it returns against prefix sums computed here, after updates
 and overwrites, for capacities that are not powers of two, and by how its time grows with the
-capacity; the projection against a loop over atoms, also when targets land exactly on atoms;
-the noisy layer by the statistics of its noise (factorised: rank one, f(x) = sign(x)·√|x|) and
-by its outputs in train and eval mode.
+capacity. The leaves may lie in any fixed order (a heap layout of 2·capacity − 1 nodes puts them
+out of index order when the capacity is not a power of two, and sampling is still proportional to
+the priorities): the order is read off with equal priorities first, and the prefix sums follow it.
+The projection is compared with a loop over atoms, also when targets land exactly on atoms; the
+noisy layer by the statistics of its noise (factorised: rank one, f(x) = sign(x)·√|x|) and by its
+outputs in train and eval mode.
 """
 
 from __future__ import annotations
@@ -21,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from solutions.checker import CheckFailed, call_without_mutation, expect_close, expect_tensor, register
-from solutions.rainbow import NoisyLinear, SumTree, project_distribution
+from ..checker import CheckFailed, call_without_mutation, expect_close, expect_tensor, register
+from ..rainbow import NoisyLinear, SumTree, project_distribution
 
 CHAPTER = "06_rainbow"
 
@@ -38,6 +35,8 @@ def _build_tree(Answer, priorities):
         tree = Answer(len(priorities))
         for i, p in enumerate(priorities):
             tree.update(i, float(p))
+    except NotImplementedError:
+        raise                                             # 未回答として扱う
     except Exception as e:
         raise CheckFailed(f"SumTree({len(priorities)}) を作って update を呼ぶと {type(e).__name__} になりました"
                           f"（{e}）。"
@@ -45,46 +44,67 @@ def _build_tree(Answer, priorities):
     return tree
 
 
-def _expected_index(priorities, value):
-    prefix = np.concatenate([[0.0], np.cumsum(priorities)])
-    return int(np.searchsorted(prefix, value, side="right") - 1)
+_TOTAL_HINT = ("total() は根の値（すべての葉の和）を返します。total() が根の節点を読んでいるか、update で葉を"
+               "書き換えたあと、根まですべての親の和を更新しているかを確かめてください。")
+_HINT = "右の子に進むときは、value から左の子の和を引きます。左の和より小さければ左へ進みます。"
 
 
-def _check_tree(tree, priorities, values, where):
+def _leaf_order(Answer, capacity):
+    """The order in which the leaves cover [0, total()): with every priority 1, find(k + 0.5) is the k-th leaf."""
+    tree = _build_tree(Answer, np.ones(capacity))
+    total = float(tree.total())
+    if not math.isclose(total, capacity, rel_tol=1e-9):
+        raise CheckFailed(f"容量 {capacity} で優先度をすべて 1 にすると、total() は {capacity} のはずですが "
+                          f"{total:.6g} でした。" + _TOTAL_HINT)
+    order = [int(tree.find(k + 0.5)) for k in range(capacity)]
+    if sorted(order) != list(range(capacity)):
+        repeated = max(set(order), key=order.count)
+        raise CheckFailed(f"容量 {capacity} で優先度をすべて 1 にすると、find(k + 0.5)（k = 0, 1, …）は長さ 1 の区間を"
+                          f"順にたどり、どの葉もちょうど 1 回ずつ返るはずですが、葉 {repeated} が "
+                          f"{order.count(repeated)} 回返りました（find(0.5), find(1.5), … = {order[:8]}…）。" + _HINT)
+    return order
+
+
+def _check_tree(tree, priorities, values, where, order):
     total = float(tree.total())
     if not math.isclose(total, float(np.sum(priorities)), rel_tol=1e-9, abs_tol=1e-12):
         raise CheckFailed(f"{where}: total() が {total:.6g} でしたが、優先度の合計は {np.sum(priorities):.6g} です。"
-                          "update で葉を書き換えたあと、根まですべての親の和を更新していますか。")
+                          + _TOTAL_HINT)
+    ordered = np.asarray(priorities)[order]                 # 葉が区間を並べる順（ふつうは番号の順）
+    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
     for v in values:
-        got, expected = int(tree.find(float(v))), _expected_index(priorities, v)
+        k = int(np.searchsorted(prefix, v, side="right") - 1)
+        got, expected = int(tree.find(float(v))), order[k]
         if got != expected:
-            prefix = float(np.sum(priorities[:expected]))
             raise CheckFailed(f"{where}: find({v:.4f}) が {got} を返しましたが、{v:.4f} を含む区間 "
-                              f"[{prefix:.4f}, {prefix + priorities[expected]:.4f}) は葉 {expected} のものです。"
-                              "右の子に進むときは、value から左の子の和を引きます。左の和より小さければ左へ進みます。")
+                              f"[{prefix[k]:.4f}, {prefix[k + 1]:.4f}) は葉 {expected} のものです"
+                              "（区間は、葉の優先度を左の葉から順に積み上げたものです）。" + _HINT)
 
 
 @sum_tree.test("容量が 2 のべき乗でなくても、total() が優先度の合計、find(v) が v を含む区間の葉になる")
 def _(Answer, reference):
     rng = np.random.default_rng(0)
     for capacity in (1, 5, 13, 64, 100):
+        order = _leaf_order(Answer, capacity)
         priorities = rng.uniform(0.1, 3.0, capacity)
         tree = _build_tree(Answer, priorities)
-        _check_tree(tree, priorities, rng.uniform(0, priorities.sum(), 50), f"容量 {capacity}")
+        _check_tree(tree, priorities, rng.uniform(0, priorities.sum(), 50), f"容量 {capacity}", order)
 
 
 @sum_tree.test("update で書き換えると total() と find が追従し、区間の境目ちょうどの値は右の葉になり、"
                "優先度 0 の葉は選ばれない")
 def _(Answer, reference):
     priorities = np.array([1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 5.0])
+    order = _leaf_order(Answer, len(priorities))
     tree = _build_tree(Answer, priorities)
-    boundaries = [0.0, 1.0, 3.0, 6.0, 10.0, 14.999]
-    _check_tree(tree, priorities, boundaries, "境目の値")
+    ordered = np.concatenate([[0.0], np.cumsum(priorities[order])])
+    boundaries = [*ordered[:-1], ordered[-1] - 1e-3]       # 区間の境目ちょうど（最後は合計の少し手前）
+    _check_tree(tree, priorities, boundaries, "境目の値", order)
     for index, p in ((3, 0.5), (0, 0.0), (6, 2.0), (2, 1.5)):
         tree.update(index, p)
         priorities[index] = p
         values = np.linspace(0, priorities.sum() - 1e-9, 23)
-        _check_tree(tree, priorities, values, f"葉 {index} を {p} に書き換えたあと")
+        _check_tree(tree, priorities, values, f"葉 {index} を {p} に書き換えたあと", order)
 
 
 @sum_tree.test("update・find・total の時間が容量の対数でしか増えない（容量 2^10 と 2^20 で比べる）")
@@ -146,19 +166,21 @@ def _check_projection(answer, next_probs, rewards, dones, support, gamma, where)
     mass = got.double().sum(-1)
     if not torch.allclose(mass, torch.ones_like(mass), atol=1e-5):
         i = int((mass - 1).abs().argmax())
-        hint = ("目標 Tz がちょうど格子点に乗ると b の floor と ceil が等しくなり、(u - b) と (b - l) がどちらも 0 に"
-                "なって確率が消えます。その場合は全部を格子点に置いてください。" if mass[i] < 1 else "")
+        hint = ("目標 Tz がちょうどアトムの上に乗ると b の floor と ceil が等しくなり、(u - b) と (b - l) が"
+                "どちらも 0 になって確率が消えます。その場合は全部をそのアトムに置いてください。"
+                if mass[i] < 1 else "")
         raise CheckFailed(f"{where}: 射影した分布の和が 1 になりません（行 {i} で {mass[i].item():.6f}）。{hint}")
     if dones.any():
         d = int(torch.nonzero(dones)[0])
         if not torch.allclose(got[d].double(), expected[d], atol=1e-5):
-            raise CheckFailed(f"{where}: 終端（dones=True）の行 {d} が違います。終端では次の状態の分布を使わず、"
-                              "確率をすべて報酬 r の位置（γz の項なし）に置きます。")
+            raise CheckFailed(f"{where}: 終了（dones=True）の行 {d} が違います。"
+                              "終了した遷移では次の状態の分布を使わず、確率をすべて報酬 r の位置"
+                              "（γz の項なし）に置きます。")
     expect_close(got, expected.to(got.dtype), f"{where}: 射影した分布", atol=1e-5, rtol=1e-4,
-                 hint="Tz = r + γz を [v_min, v_max] に切り詰めてから、両隣の格子点に距離に応じて分けます。")
+                 hint="Tz = r + γz を [v_min, v_max] に切り詰めてから、両隣のアトムに距離に応じて分けます。")
 
 
-@projection.test("ランダムな分布で、格子点ごとのループで計算した射影と一致し、和が 1")
+@projection.test("ランダムな分布で、アトムごとのループで計算した射影と一致し、和が 1")
 def _(answer, reference):
     g = torch.Generator().manual_seed(0)
     support = torch.linspace(-10, 10, 51)
@@ -168,24 +190,24 @@ def _(answer, reference):
     _check_projection(answer, probs, rewards, dones, support, 0.99 ** 3, "γ = 0.99³")
 
 
-@projection.test("終端（dones）と、[v_min, v_max] の外に出る目標の切り詰め")
+@projection.test("終了（dones）と、[v_min, v_max] の外に出る目標の切り詰め")
 def _(answer, reference):
     g = torch.Generator().manual_seed(1)
     support = torch.linspace(0, 100, 51)
     probs = torch.randn(6, 51, generator=g).softmax(-1)
     rewards = torch.tensor([1.0, 50.0, 150.0, -20.0, 3.0, 0.0])
     dones = torch.tensor([True, False, False, False, True, False])
-    _check_projection(answer, probs, rewards, dones, support, 0.97, "終端と切り詰め")
+    _check_projection(answer, probs, rewards, dones, support, 0.97, "終了と切り詰め")
 
 
-@projection.test("目標がちょうど格子点に乗るとき（γ = 1、整数の報酬）も確率が消えない")
+@projection.test("目標がちょうどアトムの上に乗るとき（γ = 1、整数の報酬）も確率が消えない")
 def _(answer, reference):
     g = torch.Generator().manual_seed(2)
     support = torch.linspace(-5, 5, 11)
     probs = torch.randn(4, 11, generator=g).softmax(-1)
     rewards = torch.tensor([0.0, 1.0, -2.0, 3.0])
     dones = torch.tensor([False, False, True, False])
-    _check_projection(answer, probs, rewards, dones, support, 1.0, "格子点に乗る目標")
+    _check_projection(answer, probs, rewards, dones, support, 1.0, "アトムの上に乗る目標")
     _check_projection(answer, probs[:1].double(), rewards[:1].double(), dones[:1], support.double(), 1.0,
                       "バッチ 1・float64")
 
@@ -199,6 +221,8 @@ noisy = register("noisy_linear", "因数分解したノイジー線形層（Nois
 def _make(Answer, *args, **kwargs):
     try:
         return Answer(*args, **kwargs)
+    except NotImplementedError:
+        raise                                             # 未回答として扱う
     except Exception as e:
         raise CheckFailed(f"NoisyLinear(in_features, out_features, std_init) の形で作れませんでした（{e}）。") from None
 
@@ -281,7 +305,7 @@ def _(Answer, reference):
     expect_close(layer(x), x @ w.T + b, "学習モードの出力", hint="y = (μ_w + σ_w⊙ε_w) x + μ_b + σ_b⊙ε_b です。")
     layer.eval()
     expect_close(layer(x), x @ layer.weight_mu.T + layer.bias_mu, "評価モードの出力",
-                 hint="評価（greedy な行動の選択）では雑音を使わず、平均の重み μ で計算します。")
+                 hint="評価（貪欲な行動の選択）では雑音を使わず、平均の重み μ で計算します。")
     layer.train()
     before = layer(x).detach()
     layer.reset_noise()
