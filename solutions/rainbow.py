@@ -351,7 +351,7 @@ class Agent:
         return int(q.argmax(1).item())
 
     def loss(self, batch):
-        """Per-sample losses (B,) and the ones used as new priorities."""
+        """Per-sample losses (B,); ``train_step`` averages them with the IS weights and also uses them as priorities."""
         cfg = self.cfg
         obs, actions, next_obs = batch["obs"], batch["actions"], batch["next_obs"]
         rewards, dones, discounts = batch["returns"], batch["terminated"], batch["discounts"]
@@ -492,7 +492,7 @@ class Run:
                 "numpy_rng": self.agent.rng.bit_generator.state,
                 "env_rng": self.env.unwrapped.np_random.bit_generator.state,
                 "env_elapsed_steps": self.env._elapsed_steps,
-                "env_steps_beyond_terminated": self.env.unwrapped.steps_beyond_terminated}
+                "env_steps_beyond_terminated": getattr(self.env.unwrapped, "steps_beyond_terminated", None)}
         (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
@@ -543,7 +543,8 @@ class Run:
         run.env.unwrapped.state = tensors["env.state"].numpy()
         run.env.unwrapped.np_random.bit_generator.state = info["env_rng"]
         run.env._elapsed_steps = info["env_elapsed_steps"]
-        run.env.unwrapped.steps_beyond_terminated = info["env_steps_beyond_terminated"]
+        if hasattr(run.env.unwrapped, "steps_beyond_terminated"):             # CartPole only
+            run.env.unwrapped.steps_beyond_terminated = info["env_steps_beyond_terminated"]
         return run
 
 

@@ -1,4 +1,4 @@
-"""Chapter 6 (work in progress): the parts of the Rainbow agent against plain loops and hand-made cases.
+"""Chapter 6: the parts of the Rainbow agent against plain loops and hand-made cases.
 
 The sum tree against priorities (sampling frequencies, a fixed seed and a stated tolerance), the
 C51 projection against a loop over atoms, the noisy layer's factorised noise, and n-step returns
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from solutions import rainbow
+from solutions.exercises.rainbow import _projection_by_loop as projection_by_loop  # the checker's loop over atoms
 
 
 @pytest.mark.parametrize("capacity", [1, 5, 8, 13, 1000])
@@ -59,25 +60,6 @@ def test_sum_tree_sampling_frequencies_follow_priorities():
     assert counts[priorities == 0].sum() == 0
     # each frequency within 4 standard errors of its probability
     assert np.all(np.abs(counts / n - expected) <= 4 * np.sqrt(expected * (1 - expected) / n) + 1e-12)
-
-
-def projection_by_loop(next_probs, rewards, dones, support, gamma):
-    v_min, v_max, n = support[0].item(), support[-1].item(), support.numel()
-    dz = (v_max - v_min) / (n - 1)
-    out = torch.zeros_like(next_probs, dtype=torch.float64)
-    for i in range(next_probs.shape[0]):
-        for j in range(n):
-            tz = rewards[i].item() + (0.0 if dones[i] else gamma * support[j].item())
-            tz = min(max(tz, v_min), v_max)
-            b = (tz - v_min) / dz
-            lo, hi = math.floor(b), math.ceil(b)
-            p = next_probs[i, j].item()
-            if lo == hi:
-                out[i, lo] += p
-            else:
-                out[i, lo] += p * (hi - b)
-                out[i, hi] += p * (b - lo)
-    return out
 
 
 def test_projection_equals_a_loop_and_conserves_mass():
