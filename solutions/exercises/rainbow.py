@@ -57,6 +57,10 @@ def _leaf_order(Answer, capacity):
         raise CheckFailed(f"容量 {capacity} で優先度をすべて 1 にすると、total() は {capacity} のはずですが "
                           f"{total:.6g} でした。" + _TOTAL_HINT)
     order = [int(tree.find(k + 0.5)) for k in range(capacity)]
+    outside = [i for i in order if not 0 <= i < capacity]
+    if outside:
+        raise CheckFailed(f"容量 {capacity} の木で、find が 0〜{capacity - 1} の外の番号 {outside[0]} を返しました。"
+                          "配列 tree の中の位置ではなく、葉の番号（葉の位置 − 最初の葉の位置）を返してください。")
     if sorted(order) != list(range(capacity)):
         repeated = max(set(order), key=order.count)
         raise CheckFailed(f"容量 {capacity} で優先度をすべて 1 にすると、find(k + 0.5)（k = 0, 1, …）は長さ 1 の区間を"

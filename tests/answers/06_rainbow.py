@@ -98,6 +98,13 @@ class TreeTotalFromWrongNode(SumTree):
         return float(self.tree[0])
 
 
+class TreeReturnsNodePosition(SumTree):
+    """Wrong: returns the leaf's position in the array instead of its number."""
+
+    def find(self, value):
+        return super().find(value) + self.n_leaves
+
+
 class TreeFindsWrongWay(SumTree):
     """Wrong: goes right when value < left."""
 
@@ -342,6 +349,7 @@ WRONG = {
     "sum_tree": [
         (TreeWithoutPropagation, "根まで"),
         (TreeTotalFromWrongNode, "total()"),
+        (TreeReturnsNodePosition, "葉の番号"),
         (TreeFindsWrongWay, "find("),
         (TreeForgetsToSubtract, "左の子の和を引きます"),
         (TreeRoundsCapacityDown, "2 のべき乗でなくても"),
