@@ -214,3 +214,25 @@ def plot_curve(ax, x, ys, label=None, *, reference=None, reference_label=None, s
             low, high = reference
             ax.axhspan(float(low), float(high), color="gray", alpha=0.15, label=reference_label)
     return mean
+
+
+# =======================================================================================
+# Reinforcement learning
+
+
+def evaluate_policy(act: Callable[[np.ndarray], int], env_id: str, episodes: int, seed: int) -> float:
+    """Mean return of ``act`` (observation -> action) over ``episodes`` episodes seeded seed, seed + 1, ..."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    returns = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed + e)
+        done, total = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return float(np.mean(returns))

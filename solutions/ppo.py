@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical
 
+from .instruments import evaluate_policy
+
 # =======================================================================================
 # Generalized advantage estimation
 
@@ -128,22 +130,13 @@ class Config:
 
 
 def evaluate(agent: ActorCritic, env_id: str, episodes: int, seed: int) -> float:
-    import gymnasium as gym
+    """Greedy mean return: the most likely action of the policy."""
 
-    env = gym.make(env_id)
-    returns = []
-    for e in range(episodes):
-        obs, _ = env.reset(seed=seed + e)
-        done, total = False, 0.0
-        while not done:
-            with torch.no_grad():
-                logits = agent.actor(torch.as_tensor(obs, dtype=torch.float32)[None])
-            obs, r, terminated, truncated, _ = env.step(int(logits.argmax(-1)))
-            total += r
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
+    @torch.no_grad()
+    def act(obs):
+        return int(agent.actor(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax(-1))
+
+    return evaluate_policy(act, env_id, episodes, seed)
 
 
 def train(cfg: Config, log=None) -> dict:

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .instruments import evaluate_policy
+
 # =======================================================================================
 # Sum tree
 
@@ -389,20 +391,8 @@ class Agent:
 
 
 def evaluate(agent: Agent, env_id: str, episodes: int, seed: int) -> float:
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    returns = []
-    for e in range(episodes):
-        obs, _ = env.reset(seed=seed + e)
-        done, total = False, 0.0
-        while not done:
-            obs, r, terminated, truncated, _ = env.step(agent.act(obs, 0, greedy=True))
-            total += r
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
+    """Greedy mean return: eval mode, the noisy layers' mean weights, no ε."""
+    return evaluate_policy(lambda obs: agent.act(obs, 0, greedy=True), env_id, episodes, seed)
 
 
 class Run:
