@@ -601,7 +601,7 @@ def run_variant(variant: str, seed: int, total_steps: int, **overrides) -> list[
     def record(_message):
         rows.append({"variant": variant, "seed": seed, "step": run.step,
                      "eval_return": run.history["eval_return"][-1],
-                     "seconds": round(run.seconds + time.perf_counter() - started, 1)})
+                     "seconds": round(time.perf_counter() - started, 1)})
 
     started = time.perf_counter()
     run.advance(total_steps, log=record)
