@@ -1,6 +1,6 @@
-"""Chapter 7 (work in progress, not yet in _toc.yml): PPO with GAE on gymnasium vector environments.
+"""Chapter 7: PPO with GAE on gymnasium vector environments.
 
-The reference answers (GAE, the clipped surrogate loss) and the agent: an actor-critic with
+The reference answers (GAE, the clipped surrogate loss, the clipped value loss) and the agent: an actor-critic with
 orthogonal initialisation and a categorical policy on logits, rollouts from vector environments in
 the SAME_STEP autoreset mode (the final observation of an episode arrives with the step that ended
 it, so no fake transition is stored), truncation bootstrapped from that final observation's value,
@@ -9,9 +9,11 @@ termination not.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +50,7 @@ def monte_carlo_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
-        running = rewards[t] + gamma * running * (1.0 - dones[t])
+        running = rewards[t] + gamma * running * (~dones[t]).to(rewards.dtype)
         out[t] = running
     return out
 
@@ -64,6 +66,14 @@ def ppo_clip_loss(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantag
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
     return -torch.min(unclipped, clipped).mean()
+
+
+def clipped_value_loss(new_value: torch.Tensor, old_value: torch.Tensor, returns: torch.Tensor,
+                       clip_coef: float = 0.2) -> torch.Tensor:
+    """½ E[max((V − R)², (V_clip − R)²)] with V_clip = V_old + clip(V − V_old, −ε, ε): the value may not
+    gain from moving further than ε from the value it had when the rollout was collected."""
+    clipped = old_value + (new_value - old_value).clamp(-clip_coef, clip_coef)
+    return 0.5 * torch.max((new_value - returns) ** 2, (clipped - returns) ** 2).mean()
 
 
 # =======================================================================================
@@ -100,33 +110,43 @@ class ActorCritic(nn.Module):
 
 
 # =======================================================================================
-# Settings and training
+# Settings
 
 
 @dataclass
 class Config:
     env_id: str = "CartPole-v1"
-    total_steps: int = 150_000
+    total_steps: int = 150_000       # environment steps summed over all environments
     num_envs: int = 8
-    num_steps: int = 128             # rollout length per environment
+    num_steps: int = 128             # rollout length per environment: a batch is num_envs × num_steps
     lr: float = 2.5e-3
-    anneal_lr: bool = True
+    anneal_lr: bool = True           # lr falls linearly to 0 over total_steps
     gamma: float = 0.99
     gae_lambda: float = 0.95
     num_minibatches: int = 4
     update_epochs: int = 4
-    norm_adv: bool = True
+    norm_adv: bool = True            # normalise the advantages within each minibatch
     clip: bool = True                # False: the plain surrogate ρA (no clipping)
     clip_coef: float = 0.2
+    clip_vloss: bool = False         # True: the clipped value loss (clipped_value_loss)
+    target_kl: float | None = None   # stop the update's epochs once the approximate KL exceeds this
     advantage: str = "gae"           # "gae" or "mc_normalized" (the seed listing's normalised Monte-Carlo returns)
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     hidden: int = 64
-    eval_every: int = 10_240
+    eval_every: int = 5_120
     eval_episodes: int = 20
     target_return: float = 475.0
     seed: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // self.batch_size
 
 
 def evaluate(agent: ActorCritic, env_id: str, episodes: int, seed: int) -> float:
@@ -139,73 +159,355 @@ def evaluate(agent: ActorCritic, env_id: str, episodes: int, seed: int) -> float
     return evaluate_policy(act, env_id, episodes, seed)
 
 
-def train(cfg: Config, log=None) -> dict:
-    """One PPO run; returns the history (evaluation steps and returns, steps to the target, seconds)."""
+def make_envs(env_id: str, num_envs: int):
+    """Synchronous vector environments in SAME_STEP autoreset: the step that ends an episode returns the
+    next episode's first observation, and the last observation of the ended one in info["final_obs"]."""
     import gymnasium as gym
 
-    torch.manual_seed(cfg.seed)
-    envs = gym.make_vec(cfg.env_id, num_envs=cfg.num_envs, vectorization_mode="sync",
+    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
                         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
-    obs_dim, n_actions = envs.single_observation_space.shape[0], envs.single_action_space.n
-    agent = ActorCritic(obs_dim, n_actions, cfg.hidden)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
-    batch = cfg.num_envs * cfg.num_steps
-    minibatch = batch // cfg.num_minibatches
-    n_updates = cfg.total_steps // batch
-    obs_buf = torch.zeros(cfg.num_steps, cfg.num_envs, obs_dim)
-    act_buf = torch.zeros(cfg.num_steps, cfg.num_envs, dtype=torch.long)
-    logp_buf, rew_buf, done_buf, val_buf = (torch.zeros(cfg.num_steps, cfg.num_envs) for _ in range(4))
-    obs = torch.as_tensor(envs.reset(seed=cfg.seed)[0], dtype=torch.float32)
-    history = {"eval_step": [], "eval_return": [], "steps_to_target": None}
-    step, start, next_eval = 0, time.perf_counter(), cfg.eval_every
-    for update in range(n_updates):
-        if cfg.anneal_lr:
-            optimizer.param_groups[0]["lr"] = cfg.lr * (1 - update / n_updates)
-        for t in range(cfg.num_steps):
-            with torch.no_grad():
-                action, logp, _, value = agent.action_and_value(obs)
-            next_obs, reward, terminated, truncated, info = envs.step(action.numpy())
+
+
+# =======================================================================================
+# Training: collect a rollout, compute the advantages, learn from it for a few epochs
+
+
+UPDATE_STATS = ("step", "lr", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac",
+                "explained_variance", "epochs")
+
+
+class Run:
+    """One PPO run that can stop and go on. Every piece of state lives here (the networks, Adam, the
+    environments and their random generators, the run's own torch random state, the counters and the
+    history); ``save``/``load`` write it as safetensors plus JSON, never a pickle."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.envs = make_envs(cfg.env_id, cfg.num_envs)
+        obs, _ = self.envs.reset(seed=cfg.seed)
+        self.obs = torch.as_tensor(obs, dtype=torch.float32)
+        obs_dim = self.envs.single_observation_space.shape[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.agent = ActorCritic(obs_dim, self.envs.single_action_space.n, cfg.hidden)
+            self.torch_rng = torch.get_rng_state()      # the run draws actions and minibatches from its own stream
+        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5)
+        self.update, self.step, self.seconds = 0, 0, 0.0
+        self.episode_return = np.zeros(cfg.num_envs)
+        self.history = {"eval_step": [], "eval_return": [], "steps_to_target": None,
+                        "episode_end": [], "episode_return": [], **{f"update_{k}": [] for k in UPDATE_STATS}}
+
+    # ---- one rollout ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def collect(self) -> dict[str, torch.Tensor]:
+        """num_steps steps of every environment with the current policy. ``dones[t]`` marks the last
+        step of an episode, whether it terminated or was truncated; on truncation the value of the final
+        observation is added to the reward (γ·V(s_T)), so that cutting the trace there loses nothing."""
+        cfg, agent = self.cfg, self.agent
+        T, N = cfg.num_steps, cfg.num_envs
+        buf = {"obs": torch.zeros(T, N, self.obs.shape[1]), "actions": torch.zeros(T, N, dtype=torch.long),
+               "dones": torch.zeros(T, N, dtype=torch.bool),
+               **{k: torch.zeros(T, N) for k in ("logprobs", "values", "rewards")}}
+        for t in range(T):
+            action, logprob, _, value = agent.action_and_value(self.obs)
+            next_obs, reward, terminated, truncated, info = self.envs.step(action.numpy())
+            self.episode_return += reward
             reward = torch.as_tensor(reward, dtype=torch.float32)
-            if truncated.any():                      # bootstrap from the final observation, not the reset one
-                final = np.stack([info["final_obs"][i] for i in np.flatnonzero(truncated)])
-                with torch.no_grad():
-                    reward[truncated] += cfg.gamma * agent.value(torch.as_tensor(final, dtype=torch.float32))
-            obs_buf[t], act_buf[t], logp_buf[t], val_buf[t], rew_buf[t] = obs, action, logp, value, reward
-            done_buf[t] = torch.as_tensor(terminated | truncated, dtype=torch.float32)   # the trace stops here
-            obs = torch.as_tensor(next_obs, dtype=torch.float32)
-        step += batch
-        with torch.no_grad():
-            if cfg.advantage == "gae":
-                advantages, returns = compute_gae(rew_buf, val_buf, done_buf, agent.value(obs), cfg.gamma,
-                                                  cfg.gae_lambda)
-            else:
-                returns = monte_carlo_returns(rew_buf, done_buf, cfg.gamma)
-                returns = (returns - returns.mean()) / (returns.std() + 1e-5)
-                advantages = returns - val_buf
-        b_obs, b_act, b_logp = obs_buf.reshape(batch, -1), act_buf.reshape(-1), logp_buf.reshape(-1)
-        b_adv, b_ret = advantages.reshape(-1), returns.reshape(-1)
+            cut = truncated & ~terminated
+            if cut.any() and cfg.advantage == "gae":      # bootstrap from the final observation, not the reset one
+                final = torch.as_tensor(np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]),
+                                        dtype=torch.float32)
+                reward[torch.from_numpy(cut)] += cfg.gamma * agent.value(final)
+            done = terminated | truncated
+            for i in np.flatnonzero(done):
+                self.history["episode_end"].append(self.step + (t + 1) * N)
+                self.history["episode_return"].append(float(self.episode_return[i]))
+                self.episode_return[i] = 0.0
+            buf["obs"][t], buf["actions"][t], buf["logprobs"][t], buf["values"][t] = self.obs, action, logprob, value
+            buf["rewards"][t], buf["dones"][t] = reward, torch.from_numpy(done)
+            self.obs = torch.as_tensor(next_obs, dtype=torch.float32)
+        if cfg.advantage == "gae":
+            buf["advantages"], buf["returns"] = compute_gae(buf["rewards"], buf["values"], buf["dones"],
+                                                            agent.value(self.obs), cfg.gamma, cfg.gae_lambda)
+        elif cfg.advantage == "mc_normalized":            # the seed listing: normalised Monte-Carlo returns
+            returns = monte_carlo_returns(buf["rewards"], buf["dones"], cfg.gamma)
+            buf["returns"] = (returns - returns.mean()) / (returns.std() + 1e-5)
+            buf["advantages"] = buf["returns"] - buf["values"]
+        else:
+            raise ValueError(f"advantage は 'gae' か 'mc_normalized' です（{cfg.advantage!r}）")
+        return buf
+
+    # ---- learning from it -------------------------------------------------------------
+
+    def learn(self, buf: dict[str, torch.Tensor]) -> dict[str, float]:
+        """update_epochs passes over the rollout in shuffled minibatches; returns the update's statistics."""
+        cfg, agent = self.cfg, self.agent
+        flat = {k: v.reshape(cfg.batch_size, *v.shape[2:]) for k, v in buf.items()}
+        minibatch = cfg.batch_size // cfg.num_minibatches
+        sums = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"), 0.0)
+        n_minibatches, epochs, stop = 0, 0, False
         for _ in range(cfg.update_epochs):
-            for idx in torch.randperm(batch).split(minibatch):
-                _, new_logp, entropy, new_value = agent.action_and_value(b_obs[idx], b_act[idx])
-                adv = b_adv[idx]
+            epochs += 1
+            for idx in torch.randperm(cfg.batch_size).split(minibatch):
+                _, new_logprob, entropy, new_value = agent.action_and_value(flat["obs"][idx], flat["actions"][idx])
+                adv = flat["advantages"][idx]
                 if cfg.norm_adv:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                loss = (ppo_clip_loss(new_logp, b_logp[idx], adv, cfg.clip_coef if cfg.clip else math.inf)
-                        + cfg.vf_coef * 0.5 * ((new_value - b_ret[idx]) ** 2).mean()
-                        - cfg.ent_coef * entropy.mean())
-                optimizer.zero_grad()
+                policy_loss = ppo_clip_loss(new_logprob, flat["logprobs"][idx], adv,
+                                            cfg.clip_coef if cfg.clip else math.inf)
+                if cfg.clip_vloss:
+                    value_loss = clipped_value_loss(new_value, flat["values"][idx], flat["returns"][idx],
+                                                    cfg.clip_coef)
+                else:
+                    value_loss = 0.5 * ((new_value - flat["returns"][idx]) ** 2).mean()
+                loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy.mean()
+                self.optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-        if step >= next_eval:
-            next_eval += cfg.eval_every
-            ret = evaluate(agent, cfg.env_id, cfg.eval_episodes, seed=10_000)
-            history["eval_step"].append(step)
-            history["eval_return"].append(ret)
-            if log:
-                log(f"step {step:7d}  評価の収益 {ret:6.1f}  経過 {time.perf_counter() - start:5.0f} 秒")
-            if ret >= cfg.target_return and history["steps_to_target"] is None:
-                history["steps_to_target"] = step
-    envs.close()
-    history["seconds"] = time.perf_counter() - start
-    return history
+                self.optimizer.step()
+                with torch.no_grad():
+                    log_ratio = new_logprob - flat["logprobs"][idx]
+                    approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()   # KL(π_old‖π_new), always ≥ 0
+                    sums["clipfrac"] += ((log_ratio.exp() - 1).abs() > cfg.clip_coef).float().mean().item()
+                sums["policy_loss"] += policy_loss.item()
+                sums["value_loss"] += value_loss.item()
+                sums["entropy"] += entropy.mean().item()
+                sums["approx_kl"] += approx_kl
+                n_minibatches += 1
+                if cfg.target_kl is not None and approx_kl > cfg.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        stats = {k: v / n_minibatches for k, v in sums.items()}
+        residual = (flat["returns"] - flat["values"]).var()
+        stats["explained_variance"] = float(1 - residual / flat["returns"].var().clamp_min(1e-8))
+        stats["epochs"] = epochs
+        return stats
+
+    def advance(self, n_updates: int, log=None) -> None:
+        """``n_updates`` rounds of collect → learn (stopping at the budget), evaluating every eval_every steps."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.torch_rng)
+            for _ in range(n_updates):
+                if self.update >= cfg.num_updates:
+                    break
+                lr = cfg.lr * (1 - self.update / cfg.num_updates) if cfg.anneal_lr else cfg.lr
+                self.optimizer.param_groups[0]["lr"] = lr
+                buf = self.collect()
+                self.update += 1
+                self.step += cfg.batch_size
+                stats = self.learn(buf)
+                for key, value in {"step": self.step, "lr": lr, **stats}.items():
+                    self.history[f"update_{key}"].append(value)
+                if self.step // cfg.eval_every > (self.step - cfg.batch_size) // cfg.eval_every:
+                    ret = evaluate(self.agent, cfg.env_id, cfg.eval_episodes, seed=10_000)
+                    self.history["eval_step"].append(self.step)
+                    self.history["eval_return"].append(ret)
+                    if ret >= cfg.target_return and self.history["steps_to_target"] is None:
+                        self.history["steps_to_target"] = self.step
+                    if log:
+                        elapsed = self.seconds + time.perf_counter() - start
+                        log(f"step {self.step:7,d}  評価の収益 {ret:6.1f}  KL {stats['approx_kl']:.4f}  "
+                            f"クリップ率 {stats['clipfrac']:.2f}  経過 {elapsed:4.0f} 秒")
+            self.torch_rng = torch.get_rng_state()
+        self.seconds += time.perf_counter() - start
+
+    @property
+    def done(self) -> bool:
+        return self.update >= self.cfg.num_updates
+
+    # ---- checkpoint -------------------------------------------------------------------
+
+    def _time_limits(self):
+        """The TimeLimit wrapper of each environment (it counts the steps of the current episode)."""
+        import gymnasium as gym
+
+        out = []
+        for outer in self.envs.envs:
+            wrapper = outer
+            while not isinstance(wrapper, gym.wrappers.TimeLimit):
+                wrapper = wrapper.env
+            out.append(wrapper)
+        return out
+
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"agent.{k}": v for k, v in self.agent.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for pid, state in opt["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{pid}.{name}"] = value
+        tensors["obs"] = self.obs
+        tensors["torch_rng"] = self.torch_rng
+        tensors["episode_return"] = torch.from_numpy(self.episode_return)
+        envs = [env.unwrapped for env in self.envs.envs]
+        for i, env in enumerate(envs):
+            tensors[f"env{i}.state"] = torch.from_numpy(np.asarray(env.state, dtype=np.float64))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
+        info = {"config": asdict(self.cfg), "update": self.update, "step": self.step, "seconds": self.seconds,
+                "history": self.history, "optim_param_groups": opt["param_groups"],
+                "env_rng": [env.np_random.bit_generator.state for env in envs],
+                "env_elapsed_steps": [w._elapsed_steps for w in self._time_limits()],
+                "env_steps_beyond_terminated": [getattr(env, "steps_beyond_terminated", None) for env in envs]}
+        (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def resume_or_new(cls, cfg: Config, directory) -> Run:
+        """The run saved in ``directory`` if it was started with exactly these settings, else a new one."""
+        info = Path(directory) / "run.json"
+        if info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == asdict(cfg):
+            return cls.load(directory)
+        return cls(cfg)
+
+    @classmethod
+    def load(cls, directory) -> Run:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        info = json.loads((d / "run.json").read_text(encoding="utf-8"))
+        tensors = load_file(d / "run.safetensors")
+        run = cls(Config(**info["config"]))
+
+        def part(prefix):
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        run.agent.load_state_dict(part("agent."))
+        state: dict = {}
+        for key, value in part("optim.").items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        run.optimizer.load_state_dict({"state": state, "param_groups": info["optim_param_groups"]})
+        run.obs, run.torch_rng = tensors["obs"], tensors["torch_rng"]
+        run.episode_return = tensors["episode_return"].numpy().copy()
+        run.update, run.step, run.seconds, run.history = info["update"], info["step"], info["seconds"], info["history"]
+        for i, (env, limit) in enumerate(zip(run.envs.envs, run._time_limits(), strict=True)):
+            env.unwrapped.state = tensors[f"env{i}.state"].numpy().copy()
+            env.unwrapped.np_random.bit_generator.state = info["env_rng"][i]
+            limit._elapsed_steps = info["env_elapsed_steps"][i]
+            if info["env_steps_beyond_terminated"][i] is not None or hasattr(env.unwrapped, "steps_beyond_terminated"):
+                env.unwrapped.steps_beyond_terminated = info["env_steps_beyond_terminated"][i]
+        return run
+
+
+def train(cfg: Config, log=None) -> dict:
+    """One whole run; returns its history (evaluations, steps to the target, per-update statistics, seconds)."""
+    run = Run(cfg)
+    run.advance(cfg.num_updates, log=log)
+    run.envs.close()
+    return run.history | {"seconds": run.seconds}
+
+
+# =======================================================================================
+# Reference runs: PPO, the seed's Monte-Carlo targets, and PPO minus one ingredient at a time
+
+VARIANTS = {
+    "ppo": {},
+    "mc_normalized": {"advantage": "mc_normalized"},
+    "no_norm_adv": {"norm_adv": False},
+    "no_clip": {"clip": False},
+    "no_anneal": {"anneal_lr": False},
+    "clip_vloss": {"clip_vloss": True},
+    "low_lr": {"lr": 2.5e-4},
+    "common_defaults": {"lr": 2.5e-4, "num_envs": 4, "ent_coef": 0.01, "clip_vloss": True},   # CleanRL's CartPole
+    "acrobot": {"env_id": "Acrobot-v1", "total_steps": 300_000, "target_return": -100.0},
+}
+RUNS_CSV = "data/ppo_runs.csv"          # inside the package: solutions/data/ppo_runs.csv
+RUNS_FIELDS = ("variant", "seed", "step", "eval_return", "seconds")
+
+
+def variant_config(variant: str, seed: int, **overrides) -> Config:
+    return Config(**{"seed": seed, **VARIANTS[variant], **overrides})
+
+
+def run_variant(variant: str, seed: int, **overrides) -> list[dict]:
+    """One training run; a row per evaluation (step, greedy mean return, seconds so far)."""
+    torch.set_num_threads(1)                 # one core per run, so that two runs can share two cores
+    run = Run(variant_config(variant, seed, **overrides))
+    rows = []
+    started = time.perf_counter()
+
+    def record(_message):
+        rows.append({"variant": variant, "seed": seed, "step": run.step,
+                     "eval_return": run.history["eval_return"][-1],
+                     "seconds": round(time.perf_counter() - started, 1)})
+
+    run.advance(run.cfg.num_updates, log=record)
+    run.envs.close()
+    return rows
+
+
+def _run_variant_job(args):
+    return run_variant(*args)
+
+
+def write_reference_runs(path, variants=tuple(VARIANTS), seeds=(0, 1, 2), jobs: int = 2) -> None:
+    """Every (variant, seed) run, ``jobs`` at a time, written as one long CSV."""
+    import csv
+    import multiprocessing as mp
+
+    work = [(v, s) for v in variants for s in seeds]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        results = pool.map(_run_variant_job, work, chunksize=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=RUNS_FIELDS)
+        writer.writeheader()
+        for rows in results:
+            writer.writerows(rows)
+
+
+def read_reference_runs(path=None) -> list[dict]:
+    """The stored reference runs (the package's CSV unless ``path`` is given)."""
+    import csv
+    from importlib import resources
+
+    source = Path(path) if path else resources.files("solutions").joinpath(RUNS_CSV)
+    rows = list(csv.DictReader(source.read_text(encoding="utf-8").splitlines()))
+    return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
+             "eval_return": float(r["eval_return"]), "seconds": float(r["seconds"])} for r in rows]
+
+
+def steps_to_target(steps, returns, target: float) -> tuple[int | None, int | None]:
+    """(The first evaluation step at or above target, the step from which every later evaluation is.)"""
+    steps, above = np.asarray(steps), np.asarray(returns) >= target
+    first = int(steps[np.argmax(above)]) if above.any() else None
+    below = np.flatnonzero(~above)
+    if not len(below):
+        return first, int(steps[0])
+    return first, (int(steps[below[-1] + 1]) if below[-1] + 1 < len(steps) else None)
+
+
+def reference_curves(rows: list[dict], variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """One variant's stored runs: the evaluation steps (points,) and the returns (seeds, points)."""
+    mine = [r for r in rows if r["variant"] == variant]
+    if not mine:
+        raise ValueError(f"参照の記録に {variant!r} がありません（あるもの: {sorted({r['variant'] for r in rows})}）")
+    seeds = sorted({r["seed"] for r in mine})
+    steps = sorted({r["step"] for r in mine})
+    table = {(r["seed"], r["step"]): r["eval_return"] for r in mine}
+    return np.array(steps), np.array([[table[s, t] for t in steps] for s in seeds])
+
+
+if __name__ == "__main__":
+    # Regenerates the stored reference runs (about N minutes on 2 cores):
+    #   python -m solutions.ppo --out solutions/data/ppo_runs.csv
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="第7章の参照の学習（GAE とモンテカルロ、アブレーション、Acrobot）を実行して CSV に書きます")
+    parser.add_argument("--out", default="solutions/data/ppo_runs.csv")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    from solutions.ppo import write_reference_runs as write  # the importable module, so that workers can find it
+
+    write(args.out, args.variants, tuple(args.seeds), args.jobs)
