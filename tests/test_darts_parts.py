@@ -1,0 +1,152 @@
+"""Chapter 8 (work in progress): the DARTS parts against hand-written definitions.
+
+Every candidate operation keeps the shape (stride 1) or halves it (stride 2); the mixed op equals
+the hand-written weighted sum and reduces to one operation under one-hot weights; the cell outputs
+multiplier × C channels and the network wires the next cell for them; the architect step moves
+the alphas only and the weight step the weights only; the second-order step's finite-difference
+Hessian-vector product agrees with autograd's; the genotype on hand-worked alphas (including a row
+where 'none' is the largest); the discrete network built from a genotype runs and trains.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from solutions import darts
+
+
+@pytest.mark.parametrize("name", darts.PRIMITIVES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_operation_keeps_or_halves_the_shape(name, stride):
+    op = darts.OPS[name](6, stride, False)
+    x = torch.randn(2, 6, 8, 8)
+    assert op(x).shape == (2, 6, 8 // stride, 8 // stride)
+
+
+def test_mixed_op_is_the_weighted_sum_and_one_hot_selects_one_operation():
+    torch.manual_seed(0)
+    ops = [darts.OPS[p](4, 1, False) for p in darts.PRIMITIVES]
+    mixed = darts.MixedOp(ops)
+    x = torch.randn(3, 4, 8, 8)
+    w = F.softmax(torch.randn(len(ops)), 0)
+    expected = sum(w[k] * ops[k](x) for k in range(len(ops)))
+    torch.testing.assert_close(mixed(x, w), expected)
+    for k in range(len(ops)):
+        torch.testing.assert_close(mixed(x, F.one_hot(torch.tensor(k), len(ops)).float()), ops[k](x))
+
+
+def test_cells_chain_their_channels_and_reductions():
+    net = darts.SearchNetwork(c=4, layers=5, steps=3, multiplier=3, reductions=[1, 3])
+    out = net(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 10)
+    cells = list(net.cells)
+    assert [c.reduction for c in cells] == [False, True, False, True, False]
+    # the cell after a reduction cell reduces its input from two cells back (FactorizedReduce), no other does
+    assert [type(c.preprocess0).__name__ for c in cells] == ["ReLUConvBN", "ReLUConvBN", "FactorizedReduce",
+                                                             "ReLUConvBN", "FactorizedReduce"]
+
+
+def test_weights_and_arch_parameters_are_disjoint_and_complete():
+    net = darts.SearchNetwork(c=4)
+    weights, arch = net.weights(), net.arch_parameters()
+    assert {id(p) for p in weights}.isdisjoint({id(p) for p in arch})
+    assert len(weights) + len(arch) == len(list(net.parameters()))
+    assert arch[0].shape == (darts.edges_per_cell(4), len(darts.PRIMITIVES))
+
+
+def _small_setup(seed=0):
+    torch.manual_seed(seed)
+    net = darts.SearchNetwork(c=4, steps=2)
+    a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.01, betas=(0.5, 0.999))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    return net, a_opt, x, y
+
+
+def test_architect_step_changes_alphas_only():
+    net, a_opt, x, y = _small_setup()
+    weights = [p.detach().clone() for p in net.weights()]
+    alphas = [p.detach().clone() for p in net.arch_parameters()]
+    darts.architect_step(net, a_opt, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.weights(), strict=True))
+    assert all(p.grad is None for p in net.weights())
+    assert all(not torch.equal(a, b) for a, b in zip(alphas, net.arch_parameters(), strict=True))
+
+
+def test_weight_step_changes_weights_only():
+    net, _, x, y = _small_setup()
+    w_opt = torch.optim.SGD(net.weights(), lr=0.1)
+    alphas = [p.detach().clone() for p in net.arch_parameters()]
+    w_opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    w_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(alphas, net.arch_parameters(), strict=True))
+
+
+def test_second_order_hessian_vector_product_matches_autograd():
+    """The finite difference (∇_α L(w⁺) − ∇_α L(w⁻)) / 2ε against the exact mixed second derivative."""
+    net, _, x, y = _small_setup(1)
+    net.eval().double()                              # running BatchNorm statistics (a fixed function), float64
+    x = x.double()
+    weights, alphas = net.weights(), net.arch_parameters()
+    v = [torch.randn_like(w) for w in weights]
+    loss = F.cross_entropy(net(x), y)
+    grad_w = torch.autograd.grad(loss, weights, create_graph=True)
+    exact = torch.autograd.grad(sum((g * vi).sum() for g, vi in zip(grad_w, v, strict=True)), alphas)
+    backup = [w.detach().clone() for w in weights]
+    eps = 1e-7                                       # ReLU and max-pool kinks: keep the step tiny (float64)
+    grads = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for w, b, vi in zip(weights, backup, v, strict=True):
+                w.copy_(b + sign * eps * vi)
+        grads.append(torch.autograd.grad(F.cross_entropy(net(x), y), alphas))
+    approx = [(gp - gm) / (2 * eps) for gp, gm in zip(*grads, strict=True)]
+    for a, e in zip(approx, exact, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-3)
+
+
+def test_second_order_step_changes_alphas_only_and_restores_weights():
+    net, a_opt, x, y = _small_setup(2)
+    weights = [p.detach().clone() for p in net.weights()]
+    darts.architect_step_second_order(net, a_opt, x, y, x.flip(0), y.flip(0), xi=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.weights(), strict=True))
+
+
+def test_derive_genotype_on_hand_worked_alphas():
+    prims = ["none", "skip_connect", "sep_conv_3x3"]
+    big, small = 3.0, 0.0
+    alphas = torch.tensor([
+        # node 0: edges from inputs 0, 1
+        [small, big, small],        # edge 0: skip strongest
+        [big + 2, small, big - 1],  # edge 1: 'none' largest, then sep_conv (weight of sep_conv < skip on edge 0)
+        # node 1: edges from inputs 0, 1, 2
+        [small, small, 1.0],        # edge 0: weak sep_conv
+        [small, 2.0, small],        # edge 1: skip
+        [small, small, 2.5],        # edge 2: sep_conv, strongest of node 1
+    ])
+    gene = darts.derive_genotype(alphas, prims, steps=2, k=2)
+    p = F.softmax(alphas.double(), -1)
+    assert p[1, 2] < p[0, 1]                         # the hand-worked order inside node 0
+    assert gene == [("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2), ("skip_connect", 1)]
+
+
+def test_random_genotype_and_discrete_network_run_and_train():
+    rng = np.random.default_rng(0)
+    geno = darts.random_genotype(rng)
+    assert all(name != "none" for name, _ in geno.normal + geno.reduce)
+    for i in range(4):
+        inputs = [j for _, j in geno.normal[2 * i:2 * i + 2]]
+        assert len(set(inputs)) == 2 and all(0 <= j < 2 + i for j in inputs)
+    torch.manual_seed(0)
+    net = darts.DiscreteNetwork(geno, c=4)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
