@@ -236,3 +236,36 @@ def evaluate_policy(act: Callable[[np.ndarray], int], env_id: str, episodes: int
         returns.append(total)
     env.close()
     return float(np.mean(returns))
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for the rest (never a pickle)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict, list]:
+    """An optimizer's per-parameter state as flat named tensors (for safetensors) and its param groups
+    (plain numbers, for JSON)."""
+    state = optimizer.state_dict()
+    tensors = {f"{prefix}{pid}.{name}": value for pid, per_param in state["state"].items()
+               for name, value in per_param.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list,
+                         prefix: str = "optim.") -> None:
+    """The inverse of :func:`optimizer_state_tensors`."""
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            pid, name = key.removeprefix(prefix).split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def saved_with_config(directory, config: dict) -> bool:
+    """True when ``directory`` holds a run saved (run.json) with exactly these settings."""
+    import json
+    from pathlib import Path
+
+    info = Path(directory) / "run.json"
+    return info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == config

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical
 
-from .instruments import evaluate_policy
+from .instruments import evaluate_policy, load_optimizer_state, optimizer_state_tensors, saved_with_config
 
 # =======================================================================================
 # Generalized advantage estimation
@@ -340,10 +340,8 @@ class Run:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"agent.{k}": v for k, v in self.agent.state_dict().items()}
-        opt = self.optimizer.state_dict()
-        for pid, state in opt["state"].items():
-            for name, value in state.items():
-                tensors[f"optim.{pid}.{name}"] = value
+        optim_tensors, optim_groups = optimizer_state_tensors(self.optimizer)
+        tensors |= optim_tensors
         tensors["obs"] = self.obs
         tensors["torch_rng"] = self.torch_rng
         tensors["episode_return"] = torch.from_numpy(self.episode_return)
@@ -352,7 +350,7 @@ class Run:
             tensors[f"env{i}.state"] = torch.from_numpy(np.asarray(env.state, dtype=np.float64))
         save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
         info = {"config": asdict(self.cfg), "update": self.update, "step": self.step, "seconds": self.seconds,
-                "history": self.history, "optim_param_groups": opt["param_groups"],
+                "history": self.history, "optim_param_groups": optim_groups,
                 "env_rng": [env.np_random.bit_generator.state for env in envs],
                 "env_elapsed_steps": [w._elapsed_steps for w in self._time_limits()],
                 "env_steps_beyond_terminated": [getattr(env, "steps_beyond_terminated", None) for env in envs]}
@@ -361,10 +359,7 @@ class Run:
     @classmethod
     def resume_or_new(cls, cfg: Config, directory) -> Run:
         """The run saved in ``directory`` if it was started with exactly these settings, else a new one."""
-        info = Path(directory) / "run.json"
-        if info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == asdict(cfg):
-            return cls.load(directory)
-        return cls(cfg)
+        return cls.load(directory) if saved_with_config(directory, asdict(cfg)) else cls(cfg)
 
     @classmethod
     def load(cls, directory) -> Run:
@@ -379,11 +374,7 @@ class Run:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
         run.agent.load_state_dict(part("agent."))
-        state: dict = {}
-        for key, value in part("optim.").items():
-            pid, name = key.split(".", 1)
-            state.setdefault(int(pid), {})[name] = value
-        run.optimizer.load_state_dict({"state": state, "param_groups": info["optim_param_groups"]})
+        load_optimizer_state(run.optimizer, tensors, info["optim_param_groups"])
         run.obs, run.torch_rng = tensors["obs"], tensors["torch_rng"]
         run.episode_return = tensors["episode_return"].numpy().copy()
         run.update, run.step, run.seconds, run.history = info["update"], info["step"], info["seconds"], info["history"]

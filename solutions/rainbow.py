@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .instruments import evaluate_policy
+from .instruments import evaluate_policy, load_optimizer_state, optimizer_state_tensors, saved_with_config
 
 # =======================================================================================
 # Sum tree
@@ -458,10 +458,8 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"online.{k}": v for k, v in self.agent.online.state_dict().items()}
         tensors |= {f"target.{k}": v for k, v in self.agent.target.state_dict().items()}
-        opt = self.agent.optimizer.state_dict()
-        for pid, state in opt["state"].items():
-            for name, value in state.items():
-                tensors[f"optim.{pid}.{name}"] = value
+        optim_tensors, optim_groups = optimizer_state_tensors(self.agent.optimizer)
+        tensors |= optim_tensors
         b = self.buffer
         for name in ("obs", "next_obs", "actions", "returns", "terminated", "discounts"):
             tensors[f"buffer.{name}"] = torch.from_numpy(getattr(b, name).copy())
@@ -476,7 +474,7 @@ class Run:
         save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
         info = {"config": asdict(self.cfg), "step": self.step, "episode_return": self.episode_return,
                 "seconds": self.seconds, "history": self.history,
-                "optim_param_groups": opt["param_groups"],
+                "optim_param_groups": optim_groups,
                 "buffer": {"pos": b.pos, "size": b.size, "max_priority": b.max_priority},
                 "nstep": [[a, r] for _, a, r in pending],
                 "numpy_rng": self.agent.rng.bit_generator.state,
@@ -488,12 +486,7 @@ class Run:
     @classmethod
     def resume_or_new(cls, cfg: Config, directory) -> Run:
         """The run saved in ``directory`` if it was started with exactly these settings, else a new one."""
-        from pathlib import Path
-
-        info = Path(directory) / "run.json"
-        if info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == asdict(cfg):
-            return cls.load(directory)
-        return cls(cfg)
+        return cls.load(directory) if saved_with_config(directory, asdict(cfg)) else cls(cfg)
 
     @classmethod
     def load(cls, directory) -> Run:
@@ -512,11 +505,7 @@ class Run:
 
         agent.online.load_state_dict(part("online."))
         agent.target.load_state_dict(part("target."))
-        state: dict = {}
-        for key, value in part("optim.").items():
-            pid, name = key.split(".", 1)
-            state.setdefault(int(pid), {})[name] = value
-        agent.optimizer.load_state_dict({"state": state, "param_groups": info["optim_param_groups"]})
+        load_optimizer_state(agent.optimizer, tensors, info["optim_param_groups"])
         for name in ("obs", "next_obs", "actions", "returns", "terminated", "discounts"):
             getattr(b, name)[:] = tensors[f"buffer.{name}"].numpy()
         if b.tree is not None:
