@@ -394,6 +394,7 @@ class SearchConfig:
     alpha_weight_decay: float = 1e-3
     grad_clip: float = 5.0
     second_order: bool = False
+    warmup_epochs: int = 0           # epochs that train the weights only, before the alphas start to move
     seed: int = 0
 
 
@@ -423,7 +424,9 @@ def search(cfg: SearchConfig, data=None, log=None) -> dict:
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             vidx = val_order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            if cfg.second_order:
+            if epoch < cfg.warmup_epochs:
+                pass
+            elif cfg.second_order:
                 architect_step_second_order(model, a_opt, x_tr[idx], y_tr[idx], x_val[vidx], y_val[vidx],
                                             xi=sched.get_last_lr()[0])
             else:

@@ -150,3 +150,15 @@ def test_random_genotype_and_discrete_network_run_and_train():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
+
+
+def test_search_with_warmup_trains_weights_but_not_alphas():
+    torch.set_num_threads(1)
+    data = darts.digits_splits(0, n_val=64, n_test=64)
+    small = tuple((x[:128], y[:128]) for x, y in data)
+    out = darts.search(darts.SearchConfig(c=4, steps=2, epochs=1, batch_size=64, warmup_epochs=1), data=small)
+    torch.manual_seed(0)                               # the search's own seed: the alphas it started from
+    fresh = darts.SearchNetwork(4, 10, 3, 2)
+    for a, b in zip(out["model"].arch_parameters(), fresh.arch_parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert len(out["history"]["val_acc"]) == 1 and out["history"]["entropy_normal"][0].shape == (5,)
