@@ -367,6 +367,26 @@ def digits_splits(seed: int = 0, n_val: int = 400, n_test: int = 400):
     return (x[train], y[train]), (x[val], y[val]), (x[test], y[test])
 
 
+def shifted_digits_splits(seed: int = 0, size: int = 16, noise: float = 0.5, n_train: int = 400,
+                          n_val: int = 200, n_test: int = 400):
+    """A harder task made from the same digits: each 8×8 image pasted at a random position of a size×size
+    canvas of Gaussian noise (σ = noise), with few training images. On plain digits every architecture of
+    the space reaches 92–99 %; here they spread out (measured 65–83 % after 20 epochs), so a search has
+    something to find."""
+    (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = digits_splits(seed, n_val=n_val, n_test=n_test)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def paste(x):
+        out = torch.randn(len(x), 1, size, size, generator=g) * noise
+        rows = torch.randint(0, size - 7, (len(x),), generator=g)
+        cols = torch.randint(0, size - 7, (len(x),), generator=g)
+        for i in range(len(x)):
+            out[i, :, rows[i]:rows[i] + 8, cols[i]:cols[i] + 8] += x[i]
+        return out
+
+    return (paste(x_tr[:n_train]), y_tr[:n_train]), (paste(x_val), y_val), (paste(x_te), y_te)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     was_training = model.training

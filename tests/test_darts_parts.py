@@ -162,3 +162,17 @@ def test_search_with_warmup_trains_weights_but_not_alphas():
     for a, b in zip(out["model"].arch_parameters(), fresh.arch_parameters(), strict=True):
         assert torch.equal(a, b)
     assert len(out["history"]["val_acc"]) == 1 and out["history"]["entropy_normal"][0].shape == (5,)
+
+
+def test_shifted_digits_paste_each_digit_once_into_the_canvas():
+    (x_tr, y_tr), (x_val, _), (x_te, _) = darts.shifted_digits_splits(0, size=16, noise=0.0, n_train=50)
+    assert x_tr.shape == (50, 1, 16, 16) and len(y_tr) == 50 and x_val.shape[2:] == x_te.shape[2:] == (16, 16)
+    (plain, _), _, _ = darts.digits_splits(0, n_val=200, n_test=400)
+    for i in range(5):                                 # without noise the canvas holds the digit and zeros elsewhere
+        canvas, digit = x_tr[i, 0], plain[i, 0]
+        hits = [(r, c) for r in range(9) for c in range(9)
+                if torch.equal(canvas[r:r + 8, c:c + 8], digit)
+                and torch.count_nonzero(canvas).item() == torch.count_nonzero(digit).item()]
+        assert hits
+    again = darts.shifted_digits_splits(0, n_train=50)[0][0]
+    assert torch.equal(again, darts.shifted_digits_splits(0, n_train=50)[0][0])
