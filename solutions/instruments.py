@@ -269,3 +269,46 @@ def saved_with_config(directory, config: dict) -> bool:
 
     info = Path(directory) / "run.json"
     return info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == config
+
+
+# ---------------------------------------------------------------------------------------
+# Stored reference runs: one long CSV, a row per evaluation of each (variant, seed) run
+
+RUNS_FIELDS = ("variant", "seed", "step", "eval_return", "seconds")
+
+
+def write_runs_csv(path, runs: Iterable[list[dict]]) -> None:
+    """Write the rows of every run (each a list of dicts with RUNS_FIELDS) to one CSV."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=RUNS_FIELDS)
+        writer.writeheader()
+        for rows in runs:
+            writer.writerows(rows)
+
+
+def read_runs_csv(package_file: str, path=None) -> list[dict]:
+    """The stored runs: ``path`` if given, else the file shipped inside the solutions package."""
+    import csv
+    from importlib import resources
+    from pathlib import Path
+
+    source = Path(path) if path else resources.files("solutions").joinpath(package_file)
+    rows = list(csv.DictReader(source.read_text(encoding="utf-8").splitlines()))
+    return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
+             "eval_return": float(r["eval_return"]), "seconds": float(r["seconds"])} for r in rows]
+
+
+def reference_curves(rows: list[dict], variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """One variant's stored runs: the evaluation steps (points,) and the returns (seeds, points)."""
+    mine = [r for r in rows if r["variant"] == variant]
+    if not mine:
+        raise ValueError(f"参照の記録に {variant!r} がありません（あるもの: {sorted({r['variant'] for r in rows})}）")
+    seeds = sorted({r["seed"] for r in mine})
+    steps = sorted({r["step"] for r in mine})
+    table = {(r["seed"], r["step"]): r["eval_return"] for r in mine}
+    return np.array(steps), np.array([[table[s, t] for t in steps] for s in seeds])

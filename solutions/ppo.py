@@ -20,7 +20,15 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical
 
-from .instruments import evaluate_policy, load_optimizer_state, optimizer_state_tensors, saved_with_config
+from .instruments import (
+    evaluate_policy,
+    load_optimizer_state,
+    optimizer_state_tensors,
+    read_runs_csv,
+    saved_with_config,
+    write_runs_csv,
+)
+from .instruments import reference_curves as reference_curves  # re-exported for the chapter
 
 # =======================================================================================
 # Generalized advantage estimation
@@ -411,7 +419,6 @@ VARIANTS = {
     "acrobot": {"env_id": "Acrobot-v1", "total_steps": 300_000, "target_return": -100.0},
 }
 RUNS_CSV = "data/ppo_runs.csv"          # inside the package: solutions/data/ppo_runs.csv
-RUNS_FIELDS = ("variant", "seed", "step", "eval_return", "seconds")
 
 
 def variant_config(variant: str, seed: int, **overrides) -> Config:
@@ -441,30 +448,17 @@ def _run_variant_job(args):
 
 def write_reference_runs(path, variants=tuple(VARIANTS), seeds=(0, 1, 2), jobs: int = 2) -> None:
     """Every (variant, seed) run, ``jobs`` at a time, written as one long CSV."""
-    import csv
     import multiprocessing as mp
 
     work = [(v, s) for v in variants for s in seeds]
     with mp.get_context("spawn").Pool(jobs) as pool:
         results = pool.map(_run_variant_job, work, chunksize=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=RUNS_FIELDS)
-        writer.writeheader()
-        for rows in results:
-            writer.writerows(rows)
+    write_runs_csv(path, results)
 
 
 def read_reference_runs(path=None) -> list[dict]:
     """The stored reference runs (the package's CSV unless ``path`` is given)."""
-    import csv
-    from importlib import resources
-
-    source = Path(path) if path else resources.files("solutions").joinpath(RUNS_CSV)
-    rows = list(csv.DictReader(source.read_text(encoding="utf-8").splitlines()))
-    return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
-             "eval_return": float(r["eval_return"]), "seconds": float(r["seconds"])} for r in rows]
+    return read_runs_csv(RUNS_CSV, path)
 
 
 def steps_to_target(steps, returns, target: float) -> tuple[int | None, int | None]:
@@ -475,17 +469,6 @@ def steps_to_target(steps, returns, target: float) -> tuple[int | None, int | No
     if not len(below):
         return first, int(steps[0])
     return first, (int(steps[below[-1] + 1]) if below[-1] + 1 < len(steps) else None)
-
-
-def reference_curves(rows: list[dict], variant: str) -> tuple[np.ndarray, np.ndarray]:
-    """One variant's stored runs: the evaluation steps (points,) and the returns (seeds, points)."""
-    mine = [r for r in rows if r["variant"] == variant]
-    if not mine:
-        raise ValueError(f"参照の記録に {variant!r} がありません（あるもの: {sorted({r['variant'] for r in rows})}）")
-    seeds = sorted({r["seed"] for r in mine})
-    steps = sorted({r["step"] for r in mine})
-    table = {(r["seed"], r["step"]): r["eval_return"] for r in mine}
-    return np.array(steps), np.array([[table[s, t] for t in steps] for s in seeds])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .instruments import evaluate_policy, load_optimizer_state, optimizer_state_tensors, saved_with_config
+from .instruments import (
+    evaluate_policy,
+    load_optimizer_state,
+    optimizer_state_tensors,
+    read_runs_csv,
+    saved_with_config,
+    write_runs_csv,
+)
+from .instruments import reference_curves as reference_curves  # re-exported for the chapter
 
 # =======================================================================================
 # Sum tree
@@ -574,7 +582,6 @@ COMPONENTS = ("double", "prioritized", "multi_step", "dueling", "noisy", "distri
 VARIANTS = {"rainbow": {}, **{f"no_{c}": {c: False} for c in COMPONENTS},
             "dqn": dict.fromkeys(COMPONENTS, False)}
 RUNS_CSV = "data/rainbow_runs.csv"          # inside the package: solutions/data/rainbow_runs.csv
-RUNS_FIELDS = ("variant", "seed", "step", "eval_return", "seconds")
 
 
 def variant_config(variant: str, seed: int, total_steps: int, **overrides) -> Config:
@@ -604,44 +611,17 @@ def _run_variant_job(args):
 def write_reference_runs(path, variants=tuple(VARIANTS), seeds=(0, 1, 2), total_steps: int = 30_000,
                          jobs: int = 2) -> None:
     """Every (variant, seed) run, ``jobs`` at a time, written as one long CSV."""
-    import csv
     import multiprocessing as mp
-    from pathlib import Path
 
     work = [(v, s, total_steps) for v in variants for s in seeds]
     with mp.get_context("spawn").Pool(jobs) as pool:
         results = pool.map(_run_variant_job, work, chunksize=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=RUNS_FIELDS)
-        writer.writeheader()
-        for rows in results:
-            writer.writerows(rows)
+    write_runs_csv(path, results)
 
 
 def read_reference_runs(path=None) -> list[dict]:
     """The stored reference runs (the package's CSV unless ``path`` is given)."""
-    import csv
-    from importlib import resources
-    from pathlib import Path
-
-    source = Path(path) if path else resources.files("solutions").joinpath(RUNS_CSV)
-    text = source.read_text(encoding="utf-8")
-    rows = list(csv.DictReader(text.splitlines()))
-    return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
-             "eval_return": float(r["eval_return"]), "seconds": float(r["seconds"])} for r in rows]
-
-
-def reference_curves(rows: list[dict], variant: str) -> tuple[np.ndarray, np.ndarray]:
-    """One variant's stored runs: the evaluation steps (points,) and the returns (seeds, points)."""
-    mine = [r for r in rows if r["variant"] == variant]
-    if not mine:
-        raise ValueError(f"参照の記録に {variant!r} がありません（あるもの: {sorted({r['variant'] for r in rows})}）")
-    seeds = sorted({r["seed"] for r in mine})
-    steps = sorted({r["step"] for r in mine})
-    table = {(r["seed"], r["step"]): r["eval_return"] for r in mine}
-    return np.array(steps), np.array([[table[s, t] for t in steps] for s in seeds])
+    return read_runs_csv(RUNS_CSV, path)
 
 
 if __name__ == "__main__":
