@@ -262,13 +262,74 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, param_
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def saved_with_config(directory, config: dict) -> bool:
-    """True when ``directory`` holds a run saved (run.json) with exactly these settings."""
+CHECKPOINT_FORMAT = 2       # raise when what a checkpoint holds changes: older ones are then not resumed
+
+
+def write_checkpoint(directory, tensors: dict, info: dict) -> None:
+    """``tensors`` to run.safetensors, ``info`` (numbers, lists, RNG states) to run.json."""
     import json
     from pathlib import Path
 
-    info = Path(directory) / "run.json"
-    return info.exists() and json.loads(info.read_text(encoding="utf-8"))["config"] == config
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
+    info = {**info, "format": CHECKPOINT_FORMAT}
+    (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+
+
+def read_checkpoint(directory) -> tuple[dict, dict]:
+    """(tensors, info) as :func:`write_checkpoint` wrote them."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    return load_file(d / "run.safetensors"), json.loads((d / "run.json").read_text(encoding="utf-8"))
+
+
+def saved_with_config(directory, config: dict) -> bool:
+    """True when ``directory`` holds a run saved in this checkpoint format with exactly these settings."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "run.json"
+    if not path.exists():
+        return False
+    info = json.loads(path.read_text(encoding="utf-8"))
+    return info.get("format") == CHECKPOINT_FORMAT and info["config"] == config
+
+
+def env_state(env) -> tuple[np.ndarray, dict]:
+    """What a classic-control environment needs to go on with its episode: its physical state (an array)
+    and, for JSON, its random generator, the step count of its TimeLimit and CartPole's
+    steps_beyond_terminated."""
+    import gymnasium as gym
+
+    limit = env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    inner = env.unwrapped
+    return np.asarray(inner.state, dtype=np.float64), {
+        "rng": inner.np_random.bit_generator.state, "elapsed_steps": limit._elapsed_steps,
+        "steps_beyond_terminated": getattr(inner, "steps_beyond_terminated", None)}
+
+
+def restore_env_state(env, state: np.ndarray, info: dict) -> None:
+    """The inverse of :func:`env_state`, on an environment made with the same id."""
+    import gymnasium as gym
+
+    limit = env
+    while not isinstance(limit, gym.wrappers.TimeLimit):
+        limit = limit.env
+    inner = env.unwrapped
+    inner.state = np.array(state)
+    inner.np_random.bit_generator.state = info["rng"]
+    limit._elapsed_steps = info["elapsed_steps"]
+    if hasattr(inner, "steps_beyond_terminated"):                   # CartPole only
+        inner.steps_beyond_terminated = info["steps_beyond_terminated"]
 
 
 # ---------------------------------------------------------------------------------------

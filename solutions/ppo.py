@@ -9,11 +9,9 @@ termination not.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,11 +19,15 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 from .instruments import (
+    env_state,
     evaluate_policy,
     load_optimizer_state,
     optimizer_state_tensors,
+    read_checkpoint,
     read_runs_csv,
+    restore_env_state,
     saved_with_config,
+    write_checkpoint,
     write_runs_csv,
 )
 from .instruments import reference_curves as reference_curves  # re-exported for the chapter
@@ -330,39 +332,21 @@ class Run:
 
     # ---- checkpoint -------------------------------------------------------------------
 
-    def _time_limits(self):
-        """The TimeLimit wrapper of each environment (it counts the steps of the current episode)."""
-        import gymnasium as gym
-
-        out = []
-        for outer in self.envs.envs:
-            wrapper = outer
-            while not isinstance(wrapper, gym.wrappers.TimeLimit):
-                wrapper = wrapper.env
-            out.append(wrapper)
-        return out
-
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {f"agent.{k}": v for k, v in self.agent.state_dict().items()}
         optim_tensors, optim_groups = optimizer_state_tensors(self.optimizer)
         tensors |= optim_tensors
         tensors["obs"] = self.obs
         tensors["torch_rng"] = self.torch_rng
         tensors["episode_return"] = torch.from_numpy(self.episode_return)
-        envs = [env.unwrapped for env in self.envs.envs]
-        for i, env in enumerate(envs):
-            tensors[f"env{i}.state"] = torch.from_numpy(np.asarray(env.state, dtype=np.float64))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
+        env_infos = []
+        for i, env in enumerate(self.envs.envs):
+            array, env_info = env_state(env)
+            tensors[f"env{i}.state"] = torch.from_numpy(array)
+            env_infos.append(env_info)
         info = {"config": asdict(self.cfg), "update": self.update, "step": self.step, "seconds": self.seconds,
-                "history": self.history, "optim_param_groups": optim_groups,
-                "env_rng": [env.np_random.bit_generator.state for env in envs],
-                "env_elapsed_steps": [w._elapsed_steps for w in self._time_limits()],
-                "env_steps_beyond_terminated": [getattr(env, "steps_beyond_terminated", None) for env in envs]}
-        (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+                "history": self.history, "optim_param_groups": optim_groups, "envs": env_infos}
+        write_checkpoint(directory, tensors, info)
 
     @classmethod
     def resume_or_new(cls, cfg: Config, directory) -> Run:
@@ -371,11 +355,7 @@ class Run:
 
     @classmethod
     def load(cls, directory) -> Run:
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        info = json.loads((d / "run.json").read_text(encoding="utf-8"))
-        tensors = load_file(d / "run.safetensors")
+        tensors, info = read_checkpoint(directory)
         run = cls(Config(**info["config"]))
 
         def part(prefix):
@@ -386,12 +366,8 @@ class Run:
         run.obs, run.torch_rng = tensors["obs"], tensors["torch_rng"]
         run.episode_return = tensors["episode_return"].numpy().copy()
         run.update, run.step, run.seconds, run.history = info["update"], info["step"], info["seconds"], info["history"]
-        for i, (env, limit) in enumerate(zip(run.envs.envs, run._time_limits(), strict=True)):
-            env.unwrapped.state = tensors[f"env{i}.state"].numpy().copy()
-            env.unwrapped.np_random.bit_generator.state = info["env_rng"][i]
-            limit._elapsed_steps = info["env_elapsed_steps"][i]
-            if info["env_steps_beyond_terminated"][i] is not None or hasattr(env.unwrapped, "steps_beyond_terminated"):
-                env.unwrapped.steps_beyond_terminated = info["env_steps_beyond_terminated"][i]
+        for i, (env, env_info) in enumerate(zip(run.envs.envs, info["envs"], strict=True)):
+            restore_env_state(env, tensors[f"env{i}.state"].numpy(), env_info)
         return run
 
 

@@ -8,7 +8,6 @@ hyperparameter once; each component can be switched off for the ablation.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -20,11 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .instruments import (
+    env_state,
     evaluate_policy,
     load_optimizer_state,
     optimizer_state_tensors,
+    read_checkpoint,
     read_runs_csv,
+    restore_env_state,
     saved_with_config,
+    write_checkpoint,
     write_runs_csv,
 )
 from .instruments import reference_curves as reference_curves  # re-exported for the chapter
@@ -458,12 +461,6 @@ class Run:
     # ---- checkpoint -------------------------------------------------------------------
 
     def save(self, directory) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {f"online.{k}": v for k, v in self.agent.online.state_dict().items()}
         tensors |= {f"target.{k}": v for k, v in self.agent.target.state_dict().items()}
         optim_tensors, optim_groups = optimizer_state_tensors(self.agent.optimizer)
@@ -478,18 +475,16 @@ class Run:
             tensors["nstep.obs"] = torch.from_numpy(np.stack([o for o, _, _ in pending]).astype(np.float32))
         tensors["obs"] = torch.from_numpy(np.asarray(self.obs, dtype=np.float32))
         tensors["torch_rng"] = torch.get_rng_state()
-        tensors["env.state"] = torch.from_numpy(np.asarray(self.env.unwrapped.state, dtype=np.float64))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, d / "run.safetensors")
+        env_array, env_info = env_state(self.env)
+        tensors["env.state"] = torch.from_numpy(env_array)
         info = {"config": asdict(self.cfg), "step": self.step, "episode_return": self.episode_return,
                 "seconds": self.seconds, "history": self.history,
                 "optim_param_groups": optim_groups,
                 "buffer": {"pos": b.pos, "size": b.size, "max_priority": b.max_priority},
                 "nstep": [[a, r] for _, a, r in pending],
                 "numpy_rng": self.agent.rng.bit_generator.state,
-                "env_rng": self.env.unwrapped.np_random.bit_generator.state,
-                "env_elapsed_steps": self.env._elapsed_steps,
-                "env_steps_beyond_terminated": getattr(self.env.unwrapped, "steps_beyond_terminated", None)}
-        (d / "run.json").write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+                "env": env_info}
+        write_checkpoint(directory, tensors, info)
 
     @classmethod
     def resume_or_new(cls, cfg: Config, directory) -> Run:
@@ -498,13 +493,7 @@ class Run:
 
     @classmethod
     def load(cls, directory) -> Run:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        info = json.loads((d / "run.json").read_text(encoding="utf-8"))
-        tensors = load_file(d / "run.safetensors")
+        tensors, info = read_checkpoint(directory)
         run = cls(Config(**info["config"]))
         agent, b = run.agent, run.buffer
 
@@ -527,11 +516,7 @@ class Run:
         run.history = info["history"]
         agent.rng.bit_generator.state = info["numpy_rng"]
         torch.set_rng_state(tensors["torch_rng"])
-        run.env.unwrapped.state = tensors["env.state"].numpy()
-        run.env.unwrapped.np_random.bit_generator.state = info["env_rng"]
-        run.env._elapsed_steps = info["env_elapsed_steps"]
-        if hasattr(run.env.unwrapped, "steps_beyond_terminated"):             # CartPole only
-            run.env.unwrapped.steps_beyond_terminated = info["env_steps_beyond_terminated"]
+        restore_env_state(run.env, tensors["env.state"].numpy(), info["env"])
         return run
 
 
