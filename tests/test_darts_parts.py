@@ -1,4 +1,4 @@
-"""Chapter 8 (work in progress): the DARTS parts against hand-written definitions.
+"""Chapter 8: the DARTS parts against hand-written definitions.
 
 Every candidate operation keeps the shape (stride 1) or halves it (stride 2); the mixed op equals
 the hand-written weighted sum and reduces to one operation under one-hot weights; the cell outputs
@@ -106,6 +106,33 @@ def test_second_order_hessian_vector_product_matches_autograd():
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-3)
 
 
+def test_second_order_step_gives_the_unrolled_gradient_as_epsilon_shrinks():
+    """architect_step_second_order's alpha gradient against autograd through one unrolled weight step:
+    d/dα L_val(w − ξ ∇_w L_train(w, α), α), in float64 with running BatchNorm statistics (a fixed function)."""
+    from torch.func import functional_call
+
+    net, _, x, y = _small_setup(3)
+    net.eval().double()
+    x_tr, y_tr, x_val, y_val = x.double(), y, x.double().flip(0) * 0.7, y.flip(0)
+    xi = 0.3
+    names = [n for n, p in net.named_parameters() if "alphas" not in n]
+    alphas = {n: p for n, p in net.named_parameters() if "alphas" in n}
+    weights = {n: p.detach().clone().requires_grad_(False) for n, p in net.named_parameters() if n in names}
+    arch = {n: a.detach().clone().requires_grad_(True) for n, a in alphas.items()}
+    w = {n: t.clone().requires_grad_(True) for n, t in weights.items()}
+    g_train = torch.autograd.grad(F.cross_entropy(functional_call(net, {**w, **arch}, (x_tr,)), y_tr),
+                                  list(w.values()), create_graph=True)
+    unrolled = {n: w[n] - xi * g for n, g in zip(w, g_train, strict=True)}
+    val_loss = F.cross_entropy(functional_call(net, {**unrolled, **arch}, (x_val,)), y_val)
+    exact = torch.autograd.grad(val_loss, list(arch.values()))
+    opt = torch.optim.SGD(net.arch_parameters(), lr=0.0)          # lr 0: the step leaves α, .grad is read
+    darts.architect_step_second_order(net, opt, x_tr, y_tr, x_val, y_val, xi=xi, eps_scale=1e-7)
+    for a, e in zip(net.arch_parameters(), exact, strict=True):
+        torch.testing.assert_close(a.grad, e, atol=1e-6, rtol=1e-4)
+    first_order = torch.autograd.grad(F.cross_entropy(net(x_val), y_val), net.arch_parameters())
+    assert any((f - e).abs().max() > 1e-4 for f, e in zip(first_order, exact, strict=True))   # xi matters here
+
+
 def test_second_order_step_changes_alphas_only_and_restores_weights():
     net, a_opt, x, y = _small_setup(2)
     weights = [p.detach().clone() for p in net.weights()]
@@ -176,3 +203,78 @@ def test_shifted_digits_paste_each_digit_once_into_the_canvas():
         assert hits
     again = darts.shifted_digits_splits(0, n_train=50)[0][0]
     assert torch.equal(again, darts.shifted_digits_splits(0, n_train=50)[0][0])
+
+
+def test_cell_plan_is_what_both_networks_build():
+    plan, c_out = darts.cell_plan(4, 5, {1, 3}, multiplier=3)
+    assert [p[2] for p in plan] == [4, 8, 8, 16, 16]                        # C doubles at each reduction
+    assert [(p[3], p[4]) for p in plan] == [(False, False), (True, False), (False, True), (True, False),
+                                            (False, True)]
+    assert [p[1] for p in plan] == [12, 12, 24, 24, 48] and c_out == 48      # c_prev: 3 × the previous C
+    search = darts.SearchNetwork(c=4, layers=5, steps=3, multiplier=3, reductions=[1, 3])
+    genotype = darts.random_genotype(np.random.default_rng(1), steps=3)
+    discrete = darts.DiscreteNetwork(genotype, c=4, layers=5, reductions=[1, 3])
+    for net in (search, discrete):
+        assert net.classifier.in_features == c_out
+        for cell, (_, c_p, c, reduction, reduction_prev) in zip(net.cells, plan, strict=True):
+            assert cell.reduction == reduction
+            assert isinstance(cell.preprocess0, darts.FactorizedReduce) == reduction_prev
+            assert cell.preprocess1[1].in_channels == c_p and cell.preprocess1[1].out_channels == c
+
+
+def test_search_ops_normalise_every_candidate_and_keep_the_shape():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8, 8) * 5 + 3
+    for name in darts.PRIMITIVES:
+        for stride in (1, 2):
+            op = darts.search_op(name, 6, stride)
+            y = op(x)
+            assert y.shape == (4, 6, 8 // stride, 8 // stride)
+            if "pool" in name or "conv" in name:                      # ends with a BatchNorm in training mode
+                assert y.mean().abs() < 1e-4 and (y.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-2
+
+
+def test_genotype_text_round_trip_and_parameter_free_count():
+    genotype = darts.random_genotype(np.random.default_rng(3))
+    assert darts.genotype_from_text(darts.genotype_to_text(genotype)) == genotype
+    assert darts.parameter_free_count([("skip_connect", 0), ("sep_conv_3x3", 1), ("max_pool_3x3", 2),
+                                       ("avg_pool_3x3", 0), ("dil_conv_5x5", 1)]) == 3
+    uniform = torch.zeros(14, len(darts.PRIMITIVES))
+    assert darts.parameter_free_share(uniform) == pytest.approx(3 / 8)
+
+
+def test_stored_reference_experiment_is_complete():
+    search_rows, retrain_rows = darts.read_reference_experiment()
+    ref = darts.REFERENCE
+    for variant in ref["variants"]:
+        for seed in ref["search_seeds"]:
+            rows = [r for r in search_rows if r["variant"] == variant and r["seed"] == seed]
+            epochs = darts.reference_search_config(variant, seed).epochs
+            assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    architectures = {r["architecture"] for r in retrain_rows}
+    assert len(architectures) == len(ref["variants"]) * len(ref["search_seeds"]) + ref["random_architectures"]
+    for arch in architectures:
+        assert sorted(r["train_seed"] for r in retrain_rows if r["architecture"] == arch) == list(ref["train_seeds"])
+    for row in search_rows:                                   # every stored genotype derives from its own alphas
+        genotype = darts.genotype_from_text(row["genotype"])
+        assert darts.parameter_free_count(genotype.normal) == row["parameter_free_normal"]
+    finals = {(r["variant"], r["seed"]): r["genotype"] for r in search_rows
+              if r["epoch"] == darts.reference_search_config(r["variant"], r["seed"]).epochs}
+    assert len(finals) == len(ref["variants"]) * len(ref["search_seeds"])
+    for (variant, seed), text in finals.items():               # the retrained cell is the search's last one
+        assert {r["genotype"] for r in retrain_rows if r["architecture"] == f"{variant}_seed{seed}"} == {text}
+    for name, genotype in darts.random_architectures():           # the random ones are the documented draws
+        assert {r["genotype"] for r in retrain_rows if r["architecture"] == name} == {darts.genotype_to_text(genotype)}
+
+
+def test_draw_genotype_draws_every_edge():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    genotype = darts.random_genotype(np.random.default_rng(0))
+    fig, ax = plt.subplots()
+    darts.draw_genotype(ax, genotype.normal, 4, "normal")
+    assert len(ax.patches) == len(genotype.normal) + 4            # 8 edges and 4 dashed arrows to the output
+    plt.close(fig)
