@@ -334,6 +334,17 @@ def copy_reference_parameters(theirs, ours, layout: str, noise: float = 0.1):
                           f"比べます）: {str(e).splitlines()[0]}") from None
 
 
+def call_answer(answer, *args, **kwargs):
+    """Call the reader's code without letting it mutate its tensor arguments; its own errors become a
+    verdict (CheckFailed), NotImplementedError (未回答) and CheckFailed pass through."""
+    try:
+        return call_without_mutation(answer, *args, **kwargs)
+    except (CheckFailed, NotImplementedError):
+        raise
+    except Exception as e:
+        raise CheckFailed(f"呼び出すと {type(e).__name__} になりました（{e}）。") from None
+
+
 def call_without_mutation(fn, *args, **kwargs):
     """Call ``fn`` and fail when it changes any tensor it was given (in-place operations)."""
     tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]

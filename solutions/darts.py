@@ -70,8 +70,8 @@ class Zero(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """Halves the spatial size with two stride-2 1×1 convolutions, the second shifted by one pixel,
-    so that every input pixel is seen (a single stride-2 1×1 convolution would skip three in four)."""
+    """Halves the spatial size with two stride-2 1×1 convolutions, the second on the input shifted by one
+    pixel diagonally: together they read two pixels of every 2×2 block instead of one."""
 
     def __init__(self, c_in, c_out, affine=True):
         super().__init__()
@@ -323,7 +323,7 @@ def random_genotype(rng: np.random.Generator, steps: int = 4, k: int = 2, primit
     return Genotype(cell(), concat, cell(), concat)
 
 
-def draw_genotype(ax, gene, steps: int, title: str = "", k: int = 2) -> None:
+def draw_genotype(ax, gene, steps: int, title: str = "", k: int = 2, reduction: bool = False) -> None:
     """Draw a cell as a graph: the two inputs on the left, the intermediate nodes, the output (their
     concatenation) on the right; each kept edge labelled with its operation, parameter-free ones in orange."""
     from matplotlib.patches import FancyArrowPatch
@@ -336,7 +336,7 @@ def draw_genotype(ax, gene, steps: int, title: str = "", k: int = 2) -> None:
     for e, (op, j) in enumerate(gene):
         node = 2 + e // k
         (x0, y0), (x1, y1) = pos[j], pos[node]
-        colour = "tab:orange" if op in PARAMETER_FREE else "tab:blue"
+        colour = "tab:blue" if has_parameters(op, j, reduction) else "tab:orange"
         bend = 0.25 if (node - j) % 2 else -0.25
         ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f"arc3,rad={bend}", arrowstyle="-|>",
                                      mutation_scale=12, color=colour, lw=1.4, shrinkA=14, shrinkB=14))
@@ -480,9 +480,17 @@ def parameter_free_share(alphas: torch.Tensor, primitives=PRIMITIVES) -> float:
     return p[:, columns].sum(-1).mean().item()
 
 
-def parameter_free_count(gene) -> int:
-    """How many of a derived cell's operations have no parameters (pools, skip)."""
-    return sum(name in PARAMETER_FREE for name, _ in gene)
+def has_parameters(name: str, input_index: int, reduction: bool = False) -> bool:
+    """Whether an edge's operation has parameters: the convolutions, and skip_connect on a reduction cell's
+    edge from a cell input (stride 2 makes it a FactorizedReduce)."""
+    if name == "skip_connect":
+        return reduction and input_index < 2
+    return name not in PARAMETER_FREE
+
+
+def parameter_free_count(gene, reduction: bool = False) -> int:
+    """How many of a derived cell's operations have no parameters (pools, and skip_connect where it is an identity)."""
+    return sum(not has_parameters(name, j, reduction) for name, j in gene)
 
 
 def search(cfg: SearchConfig, data=None, log=None, progress: bool = False, mixed_op_class=None,
@@ -605,7 +613,7 @@ def _search_job(job):
     return [{"variant": variant, "seed": seed, "epoch": e + 1, "val_acc": round(h["val_acc"][e], 4),
              "seconds": round(h["seconds"][e], 1),
              "parameter_free_normal": parameter_free_count(h["genotype"][e].normal),
-             "parameter_free_reduce": parameter_free_count(h["genotype"][e].reduce),
+             "parameter_free_reduce": parameter_free_count(h["genotype"][e].reduce, reduction=True),
              "parameter_free_share_normal": round(parameter_free_share(h["alphas_normal"][e]), 4),
              "entropy_normal": round(h["entropy_normal"][e].mean().item(), 4),
              "entropy_reduce": round(h["entropy_reduce"][e].mean().item(), 4),

@@ -255,9 +255,10 @@ def test_stored_reference_experiment_is_complete():
     assert len(architectures) == len(ref["variants"]) * len(ref["search_seeds"]) + ref["random_architectures"]
     for arch in architectures:
         assert sorted(r["train_seed"] for r in retrain_rows if r["architecture"] == arch) == list(ref["train_seeds"])
-    for row in search_rows:                                   # every stored genotype derives from its own alphas
+    for row in search_rows:                                   # the stored counts are those of the stored genotype
         genotype = darts.genotype_from_text(row["genotype"])
         assert darts.parameter_free_count(genotype.normal) == row["parameter_free_normal"]
+        assert darts.parameter_free_count(genotype.reduce, reduction=True) == row["parameter_free_reduce"]
     finals = {(r["variant"], r["seed"]): r["genotype"] for r in search_rows
               if r["epoch"] == darts.reference_search_config(r["variant"], r["seed"]).epochs}
     assert len(finals) == len(ref["variants"]) * len(ref["search_seeds"])
@@ -278,3 +279,12 @@ def test_draw_genotype_draws_every_edge():
     darts.draw_genotype(ax, genotype.normal, 4, "normal")
     assert len(ax.patches) == len(genotype.normal) + 4            # 8 edges and 4 dashed arrows to the output
     plt.close(fig)
+
+
+@pytest.mark.parametrize("reduction", [False, True])
+def test_has_parameters_agrees_with_the_operation_built_on_that_edge(reduction):
+    for name in darts.PRIMITIVES:
+        for j in range(5):
+            stride = 2 if reduction and j < 2 else 1
+            op = darts.OPS[name](8, stride, True)
+            assert darts.has_parameters(name, j, reduction) == (darts.count_parameters(op) > 0), (name, j)

@@ -17,20 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checker import CheckFailed, call_without_mutation, expect_close, expect_tensor, register
+from ..checker import CheckFailed, call_answer, expect_close, expect_tensor, register
 from ..darts import OPS, PRIMITIVES, MixedOp, SearchNetwork, architect_step, derive_genotype
 
 CHAPTER = "08_darts"
-
-
-def _call(answer, *args, **kwargs):
-    """Call the reader's code; its own errors become a verdict, NotImplementedError means 未回答."""
-    try:
-        return call_without_mutation(answer, *args, **kwargs)
-    except (CheckFailed, NotImplementedError):
-        raise
-    except Exception as e:
-        raise CheckFailed(f"呼び出すと {type(e).__name__} になりました（{e}）。") from None
 
 
 # =======================================================================================
@@ -89,7 +79,7 @@ def _(answer, reference):
         x = torch.randn(*shape)
         weights = F.softmax(torch.linspace(-1.5, 2.0, len(ops)) * torch.tensor([1, -1, 1, -1, 1, -1, 1, -1]), 0)
         expected = _weighted_sum(ops, x, weights)
-        got = expect_tensor(_call(module, x, weights), f"stride {stride} の出力", shape=expected.shape)
+        got = expect_tensor(call_answer(module, x, weights), f"stride {stride} の出力", shape=expected.shape)
         if torch.allclose(got, _weighted_sum(ops, x, torch.ones(len(ops))), atol=1e-5):
             raise CheckFailed("出力が重みなしの和 Σ_k ops[k](x) になっています。weights[k] を掛けてください。 "
                               + _SUM_HINT)
@@ -99,7 +89,7 @@ def _(answer, reference):
         for k in (3, 4, 7):
             one_hot = torch.zeros(len(ops))
             one_hot[k] = 1.0
-            expect_close(_call(module, x, one_hot), ops[k](x),
+            expect_close(call_answer(module, x, one_hot), ops[k](x),
                          f"weights が {PRIMITIVES[k]} だけ 1 の one-hot のときの出力", atol=1e-5, rtol=1e-4,
                          hint="one-hot の weights なら、その演算 1 つの出力と同じになるはずです。 " + _SUM_HINT)
 
@@ -111,7 +101,7 @@ def _(answer, reference):
     x = torch.randn(2, 4, 6, 6)
     alphas = torch.randn(len(ops), requires_grad=True)
     weights = F.softmax(alphas, 0)
-    out = expect_tensor(_call(module, x, weights), "出力")
+    out = expect_tensor(call_answer(module, x, weights), "出力")
     (grad,) = torch.autograd.grad(out.sum(), weights, allow_unused=True) if out.requires_grad else (None,)
     if grad is None:
         raise CheckFailed("出力から weights（つまり α）へ勾配が流れません。weights を detach したり、.item() で数に"
@@ -155,7 +145,7 @@ _HAND_EXPECTED_K2 = [("max_pool_3x3", 1), ("sep_conv_3x3", 0), ("dil_conv_3x3", 
 
 
 def _gene(answer, alphas, primitives, steps, k):
-    out = _call(answer, alphas, list(primitives), steps, k)
+    out = call_answer(answer, alphas, list(primitives), steps, k)
     if not isinstance(out, (list, tuple)):
         raise CheckFailed(f"戻り値は (演算の名前, 入力の番号) のリストのはずですが、{type(out).__name__} でした。")
     gene = []
@@ -297,7 +287,7 @@ def _(answer, reference):
         weights_before = [w.detach().clone() for w in theirs.weights()]
         for step in (1, 2):
             alphas_before = [a.detach().clone() for a in theirs.arch_parameters()]
-            _call(answer, theirs, their_opt, x_val, y_val)
+            call_answer(answer, theirs, their_opt, x_val, y_val)
             if not theirs.training:
                 raise CheckFailed("呼んだ後にモデルが評価モード（eval）のままです。探索中は学習モードのまま α も"
                                   "更新します（評価モードに切り替えたなら、戻してください）。")
@@ -332,7 +322,7 @@ def _(answer, reference):
     y_val = torch.cat([y_val, torch.randint(0, 5, (3,), generator=g)])
     theirs, ours = _twin_networks(4)
     their_opt, our_opt = _optimizer("SGD", theirs.arch_parameters()), _optimizer("SGD", ours.arch_parameters())
-    _call(answer, theirs, their_opt, x_val, y_val)
+    call_answer(answer, theirs, their_opt, x_val, y_val)
     if not theirs.training:
         raise CheckFailed("呼んだ後にモデルが評価モード（eval）のままです。探索中は学習モードのまま α も更新します。")
     reference(ours, our_opt, x_val, y_val)

@@ -14,20 +14,10 @@ import math
 
 import torch
 
-from ..checker import CheckFailed, call_without_mutation, expect_close, expect_tensor, expect_tuple, register
+from ..checker import CheckFailed, call_answer, expect_close, expect_tensor, expect_tuple, register
 from ..ppo import clipped_value_loss, compute_gae, ppo_clip_loss
 
 CHAPTER = "07_ppo"
-
-
-def _call(answer, *args, **kwargs):
-    """Call the reader's function; its own errors become a verdict, NotImplementedError means 未回答."""
-    try:
-        return call_without_mutation(answer, *args, **kwargs)
-    except (CheckFailed, NotImplementedError):
-        raise
-    except Exception as e:
-        raise CheckFailed(f"呼び出すと {type(e).__name__} になりました（{e}）。") from None
 
 
 # =======================================================================================
@@ -66,7 +56,7 @@ def _rollout(seed, T, N, dones_at=(), dtype=torch.float32):
 
 
 def _gae_outputs(answer, rewards, values, dones, last_value, gamma, lam):
-    out = _call(answer, rewards, values, dones, last_value, gamma=gamma, gae_lambda=lam)
+    out = call_answer(answer, rewards, values, dones, last_value, gamma=gamma, gae_lambda=lam)
     advantages, returns = expect_tuple(out, "戻り値 (advantages, returns)", 2)
     advantages = expect_tensor(advantages, "advantages", shape=rewards.shape)
     returns = expect_tensor(returns, "returns", shape=rewards.shape)
@@ -145,7 +135,7 @@ def _(answer, reference):
     rewards, values, dones, last_value = _rollout(2, T=1, N=1, dtype=torch.float64)
     for done in (False, True):
         dones = torch.tensor([[done]])
-        out = _call(answer, rewards, values, dones, last_value, 0.97, 0.9)
+        out = call_answer(answer, rewards, values, dones, last_value, 0.97, 0.9)
         advantages, returns = expect_tuple(out, "戻り値 (advantages, returns)", 2)
         expected = _gae_by_loop(rewards, values, dones, last_value, 0.97, 0.9)
         expect_close(expect_tensor(advantages, "advantages", shape=(1, 1)), expected.to(advantages.dtype),
@@ -175,7 +165,7 @@ def _single_losses(answer, eps):
     for ratio in (0.5, 0.9, 1.0, 1.1, 1.5):
         for adv in (2.0, -2.0):
             new, old = torch.tensor([math.log(ratio) - 0.3]), torch.tensor([-0.3])
-            got = expect_tensor(_call(answer, new, old, torch.tensor([adv]), eps), "損失")
+            got = expect_tensor(call_answer(answer, new, old, torch.tensor([adv]), eps), "損失")
             if got.numel() != 1:
                 raise CheckFailed(f"損失は 1 つの数（形状 () のテンソル）のはずですが、形状 {tuple(got.shape)} でした。"
                                   "バッチで平均してください。")
@@ -210,7 +200,7 @@ def _(answer, reference):
         old = -torch.rand(n, generator=g) * 2
         new = old + torch.randn(n, generator=g) * 0.4
         adv = torch.randn(n, generator=g)
-        got = expect_tensor(_call(answer, new, old, adv, eps), "損失")
+        got = expect_tensor(call_answer(answer, new, old, adv, eps), "損失")
         ratio = (new - old).double().exp()
         expected = -torch.min(ratio * adv.double(), ratio.clamp(1 - eps, 1 + eps) * adv.double()).mean()
         if got.numel() == 1 and math.isclose(float(got), float(expected) * n, rel_tol=1e-4):
@@ -226,7 +216,7 @@ def _(answer, reference):
     adv = torch.tensor([2.0] * 5 + [-2.0] * 5, dtype=torch.float64)
     old = torch.full((10,), -0.7, dtype=torch.float64)
     new = (old + ratios.log()).requires_grad_(True)
-    loss = expect_tensor(_call(answer, new, old, adv, eps), "損失")
+    loss = expect_tensor(call_answer(answer, new, old, adv, eps), "損失")
     if not loss.requires_grad:
         raise CheckFailed("損失が new_logprob から勾配を受け取れません"
                           "（.item() や .detach()、NumPy を通していませんか）。PyTorch の演算だけで計算してください。")
@@ -254,7 +244,7 @@ def _(answer, reference):
     old, target = 10.0, 12.0
     rows = []
     for new in (10.1, 9.9, 11.0, 9.0):           # inside, inside, beyond towards R, beyond away from R
-        got = expect_tensor(_call(answer, torch.tensor([new]), torch.tensor([old]), torch.tensor([target]), eps),
+        got = expect_tensor(call_answer(answer, torch.tensor([new]), torch.tensor([old]), torch.tensor([target]), eps),
                             "損失")
         if got.numel() != 1:
             raise CheckFailed(f"損失は 1 つの数のはずですが、形状 {tuple(got.shape)} でした。"
@@ -284,7 +274,7 @@ def _(answer, reference):
         old = torch.randn(n, generator=g) * 5 + 20
         new = old + torch.randn(n, generator=g) * 0.6
         ret = old + torch.randn(n, generator=g) * 2
-        got = expect_tensor(_call(answer, new, old, ret, eps), "損失")
+        got = expect_tensor(call_answer(answer, new, old, ret, eps), "損失")
         clipped = old.double() + (new - old).double().clamp(-eps, eps)
         expected = 0.5 * torch.max((new.double() - ret.double()) ** 2, (clipped - ret.double()) ** 2).mean()
         if got.numel() == 1 and math.isclose(float(got), float(expected) * n, rel_tol=1e-4):
@@ -299,7 +289,7 @@ def _(answer, reference):
     old = torch.tensor([10.0, 10.0, 10.0, 10.0, -3.0, -3.0], dtype=torch.float64)
     new = torch.tensor([10.1, 11.0, 9.0, 10.5, -3.5, -2.9], dtype=torch.float64, requires_grad=True)
     ret = torch.tensor([12.0, 12.0, 12.0, 8.0, -6.0, 0.0], dtype=torch.float64)
-    loss = expect_tensor(_call(answer, new, old, ret, eps), "損失")
+    loss = expect_tensor(call_answer(answer, new, old, ret, eps), "損失")
     if not loss.requires_grad:
         raise CheckFailed("損失が new_value から勾配を受け取れません（.item() や .detach() を使っていませんか）。")
     (grad,) = torch.autograd.grad(loss.sum(), new)
