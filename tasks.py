@@ -60,7 +60,7 @@ def run(cmd: list[str], **env: str) -> int:
 def build() -> int:
     """Execute every notebook (default profile, cached) and build the HTML; warnings fail."""
     jupyter_book = Path(sys.executable).parent / ("jupyter-book.exe" if os.name == "nt" else "jupyter-book")
-    code = run([str(jupyter_book), "build", ".", "-W", "--keep-going"])
+    code = run([str(jupyter_book), "build", ".", "-W", "--keep-going"], BOOK_NO_PROGRESS="1")  # no bars in the pages
     index = ROOT / "_build" / "html" / "index.html"
     if code == 0 and index.exists():
         print(f"\n本ができました: {index}\nブラウザで開く: {index.as_uri()}")

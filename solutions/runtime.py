@@ -76,6 +76,13 @@ class Runtime:
         """The value for this profile: ``rt.pick(smoke=200, cpu=2_000, gpu=10_000)``."""
         return pick(self.profile, **by_profile)
 
+    @property
+    def progress(self) -> bool:
+        """Whether long loops show a progress bar: not in the smoke profile, and not while the book
+        build executes the chapter (``BOOK_NO_PROGRESS=1``, set by ``tasks.py build``), where every
+        update of a bar would become a line of the page."""
+        return self.profile != "smoke" and not os.environ.get("BOOK_NO_PROGRESS")
+
 
 def pick(profile: str, **by_profile):
     missing = [p for p in PROFILES if p not in by_profile]

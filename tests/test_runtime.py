@@ -53,3 +53,11 @@ def test_japanese_labels_render_without_missing_glyphs():
         fig.canvas.draw()
     plt.close(fig)
     assert "IPAexGothic" in matplotlib.rcParams["font.family"] + matplotlib.rcParams["font.sans-serif"]
+
+
+def test_progress_bars_only_outside_smoke_and_the_book_build(monkeypatch):
+    monkeypatch.delenv("BOOK_NO_PROGRESS", raising=False)
+    assert runtime.Runtime("cpu", torch.device("cpu"), 0).progress
+    assert not runtime.Runtime("smoke", torch.device("cpu"), 0).progress
+    monkeypatch.setenv("BOOK_NO_PROGRESS", "1")
+    assert not runtime.Runtime("gpu", torch.device("cpu"), 0).progress
