@@ -14,7 +14,6 @@ The module is also the command line the chapter runs in other processes::
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import signal
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .instruments import read_csv, write_csv
 
 # =======================================================================================
 # The task: digits, an MLP, a fixed epoch budget
@@ -392,28 +393,22 @@ REFERENCE = {
 RUN_FIELDS = ("sampler", "pruner", "seed", "trial", "state", "value", "epochs", "best", "seconds")
 
 
+RUN_TYPES = {"seed": int, "trial": int, "value": float, "epochs": int, "best": float, "seconds": float}
+
+
 def write_runs(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=RUN_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r[k] is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
-                        for k in RUN_FIELDS})
+    write_csv(path, rows, RUN_FIELDS)
 
 
 def read_runs(path=None) -> list[dict]:
-    """The stored reference runs (solutions/data/hpo_runs.csv unless path is given)."""
-    path = Path(path) if path is not None else Path(__file__).parent / "data" / "hpo_runs.csv"
-    with path.open(encoding="utf-8") as f:
-        return [{
-            "sampler": r["sampler"], "pruner": r["pruner"], "seed": int(r["seed"]),
-            "trial": int(r["trial"]), "state": r["state"],
-            "value": float(r["value"]) if r["value"] else None,
-            "epochs": int(r["epochs"]), "best": float(r["best"]) if r["best"] else math.nan,
-            "seconds": float(r["seconds"]),
-        } for r in csv.DictReader(f)]
+    """The stored reference runs (solutions/data/hpo_runs.csv unless path is given).
+
+    value is None for a trial that did not complete; best is NaN before the first completed trial.
+    """
+    rows = read_csv("data/hpo_runs.csv", path, RUN_TYPES)
+    for r in rows:
+        r["best"] = math.nan if r["best"] is None else r["best"]
+    return rows
 
 
 def select(rows: list[dict], **where) -> list[list[dict]]:

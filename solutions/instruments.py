@@ -338,30 +338,44 @@ def restore_env_state(env, state: np.ndarray, info: dict) -> None:
 RUNS_FIELDS = ("variant", "seed", "step", "eval_return", "seconds")
 
 
-def write_runs_csv(path, runs: Iterable[list[dict]]) -> None:
-    """Write the rows of every run (each a list of dicts with RUNS_FIELDS) to one CSV."""
+def write_csv(path, rows: Iterable[dict], fields: Sequence[str]) -> None:
+    """Write rows (dicts) to a CSV with these columns, in this order; None becomes an empty cell."""
     import csv
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=RUNS_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
-        for rows in runs:
-            writer.writerows(rows)
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in fields})
 
 
-def read_runs_csv(package_file: str, path=None) -> list[dict]:
-    """The stored runs: ``path`` if given, else the file shipped inside the solutions package."""
+def read_csv(package_file: str, path=None, types: dict | None = None) -> list[dict]:
+    """Rows of a stored CSV: ``path`` if given, else the file shipped inside the solutions package.
+
+    ``types`` maps a column to the function that converts its text (int, float, ...); an empty
+    cell becomes None; columns not named stay text.
+    """
     import csv
     from importlib import resources
     from pathlib import Path
 
+    types = types or {}
     source = Path(path) if path else resources.files("solutions").joinpath(package_file)
-    rows = list(csv.DictReader(source.read_text(encoding="utf-8").splitlines()))
-    return [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
-             "eval_return": float(r["eval_return"]), "seconds": float(r["seconds"])} for r in rows]
+    rows = csv.DictReader(source.read_text(encoding="utf-8").splitlines())
+    return [{k: (None if v == "" else types.get(k, str)(v)) for k, v in r.items()} for r in rows]
+
+
+def write_runs_csv(path, runs: Iterable[list[dict]]) -> None:
+    """Write the rows of every run (each a list of dicts with RUNS_FIELDS) to one CSV."""
+    write_csv(path, (row for rows in runs for row in rows), RUNS_FIELDS)
+
+
+def read_runs_csv(package_file: str, path=None) -> list[dict]:
+    """The stored runs: ``path`` if given, else the file shipped inside the solutions package."""
+    return read_csv(package_file, path, {"seed": int, "step": int, "eval_return": float, "seconds": float})
 
 
 def reference_curves(rows: list[dict], variant: str) -> tuple[np.ndarray, np.ndarray]:
