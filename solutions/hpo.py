@@ -341,28 +341,27 @@ def make_pruner(name: str, epochs: int):
     raise ValueError(f"unknown pruner {name!r}")
 
 
-def run_search(sampler: str, pruner: str, seed: int, n_trials: int, data, epochs: int,
-               train_seed: int = 0, objective_factory=make_objective) -> list[dict]:
-    """One study in memory; one row per trial (state, value, epochs trained, best so far)."""
+def run_search(sampler: str, pruner: str, seed: int, n_trials: int, data, epochs: int) -> list[dict]:
+    """One study in memory; one row per trial (state, value, epochs trained, best so far).
+
+    seed is the sampler's; the training inside the objective always uses seed 0, so the same
+    configuration gives the same value in every search.
+    """
     import optuna
 
     # A fixed name: HyperbandPruner assigns trials to brackets by a hash of the study name and
     # the trial number, and an unnamed study gets a random name.
     study = optuna.create_study(study_name=f"{sampler}-{pruner}-seed{seed}", direction="maximize",
                                 sampler=make_sampler(sampler, seed), pruner=make_pruner(pruner, epochs))
-    objective = objective_factory(make_train_fn(data, epochs, seed=train_seed))
+    objective = make_objective(make_train_fn(data, epochs))
     start = time.perf_counter()
     study.optimize(objective, n_trials=n_trials)
     seconds = time.perf_counter() - start
-    rows, best = [], math.nan
-    for t in study.trials:
-        value = t.value if t.state == optuna.trial.TrialState.COMPLETE else None
-        if value is not None and (math.isnan(best) or value > best):
-            best = value
-        rows.append({"sampler": sampler, "pruner": pruner, "seed": seed, "trial": t.number,
-                     "state": t.state.name, "value": value, "epochs": len(t.intermediate_values),
-                     "best": best, "seconds": seconds})
-    return rows
+    done = optuna.trial.TrialState.COMPLETE
+    values = [t.value if t.state == done else None for t in study.trials]
+    return [{"sampler": sampler, "pruner": pruner, "seed": seed, "trial": t.number, "state": t.state.name,
+             "value": value, "epochs": len(t.intermediate_values), "best": best, "seconds": seconds}
+            for t, value, best in zip(study.trials, values, best_so_far(values, "maximize"), strict=True)]
 
 
 def parzen(points: Sequence[float], grid, bandwidth: float):
