@@ -70,8 +70,13 @@ def build() -> int:
 
 
 def test() -> int:
-    """Unit, parity and checker tests, the strict build without execution, nbval (smoke)."""
-    return run([sys.executable, "-m", "pytest", "-q", "-rs", "--durations=15"], BOOK_PROFILE="smoke")
+    """Unit, parity, checker and learning tests, the strict build without execution, and every chapter run
+    from its first cell in a simulated Colab (smoke profile). Tests run in one pytest-xdist worker per core
+    (at most 4), each PyTorch process on one thread: two processes with two threads each on two cores run
+    several times slower than one."""
+    workers = str(min(4, os.cpu_count() or 1))
+    return run([sys.executable, "-m", "pytest", "-q", "-rs", "--durations=15", "-n", workers, "--dist", "worksteal"],
+               BOOK_PROFILE="smoke", OMP_NUM_THREADS="1")
 
 
 COMMANDS = {"build": build, "test": test}

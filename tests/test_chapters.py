@@ -2,8 +2,8 @@
 
 Pairing with lessons_src/, Colab metadata and the first cell, the exercise template, the
 registry against the notebook's check(...) calls, a strict run with every exercise answered
-by its reference, and grading of the notebook as shipped. (nbval runs every notebook of
-book/ in the smoke profile; test_toc_and_book_agree keeps that set equal to the toc's.)
+by its reference, and grading of the notebook as shipped. (Each chapter also runs as shipped, in
+the smoke profile under nbval, in a simulated Colab: tests/test_colab.py.)
 """
 
 import importlib
@@ -39,7 +39,7 @@ def cells(path):
 
 
 def test_toc_and_book_agree():
-    """Every listed file exists; every chapter notebook and source is listed (so nbval runs only toc chapters)."""
+    """Every listed file exists; every chapter notebook and source is listed (none escapes the chapter tests)."""
     for f in toc_files():
         assert (ROOT / f).with_suffix(".ipynb").exists() or (ROOT / f).with_suffix(".md").exists(), f
     assert CHAPTERS, "_toc.yml lists no chapter"
