@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("BOOK_PROFILE", "smoke")
@@ -33,3 +35,40 @@ def pytest_collection_modifyitems(config, items):
         return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
 
     items.sort(key=rank)
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """The book built once per test run (strict: warnings fail; notebooks not executed), shared by the
+    pytest-xdist workers: the build test and the browser tests read the same HTML."""
+    import fcntl
+    import subprocess
+
+    import yaml
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-book"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "result.txt").exists():
+            config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+            config["execute"]["execute_notebooks"] = "off"
+            # relative to the configuration file, which moves to the temporary directory
+            config["sphinx"]["local_extensions"] = {
+                name: str(ROOT / path) for name, path in config["sphinx"]["local_extensions"].items()}
+            config_path = shared / "_config.yml"
+            config_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+            jupyter_book = Path(sys.executable).parent / "jupyter-book"
+            result = subprocess.run(
+                [str(jupyter_book), "build", str(ROOT), "--config", str(config_path), "--path-output", str(shared),
+                 "-W", "--keep-going", "--all"], capture_output=True, text=True, timeout=900)
+            (shared / "log.txt").write_text(result.stdout[-6000:] + result.stderr[-6000:], encoding="utf-8")
+            (shared / "result.txt").write_text(str(result.returncode))
+    return BuiltBook(shared / "_build" / "html", int((shared / "result.txt").read_text()),
+                     (shared / "log.txt").read_text(encoding="utf-8"), config_path=shared / "_config.yml")
+
+
+class BuiltBook:
+    def __init__(self, html, returncode, log, config_path):
+        self.html, self.returncode, self.log, self.config_path = html, returncode, log, config_path
