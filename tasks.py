@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -57,10 +58,95 @@ def run(cmd: list[str], **env: str) -> int:
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}).returncode
 
 
+class BuildProgress:
+    """Reads jupyter-book's log line by line and says, in Japanese, which chapter is executing, how long it
+    should take in this profile (chapter_times.yml), how long it took, and for a failed chapter its cell and
+    error. Chapters whose cached outputs are still valid are not executed and not announced."""
+
+    START = re.compile(r"book/(\d\d_\w+)\.ipynb: Executing notebook using")
+    DONE = re.compile(r"book/(\d\d_\w+)\.ipynb: Executed notebook in ([\d.]+) seconds")
+    FAILED = re.compile(r"book/(\d\d_\w+)\.ipynb: WARNING: Executing notebook failed")
+    NEXT_RECORD = re.compile(r"^(\S+\.ipynb: |reading sources|looking for|pickling|checking|writing|building|"
+                             r"\x1b\[|Running|\[|build |There was)")
+
+    def __init__(self, chapters: list[str], times: dict, profile: str):
+        self.chapters, self.times, self.profile = chapters, times, profile
+        self.failure: list[str] | None = None
+        self.failed_chapter: str | None = None
+        self.finished: list[tuple[str, float]] = []
+
+    def name(self, chapter: str) -> str:
+        number = self.chapters.index(chapter) + 1 if chapter in self.chapters else "?"
+        return f"第{number}章 {chapter}"
+
+    def feed(self, line: str) -> list[str]:
+        """The progress lines to print for one line of the log."""
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
+        if self.failure is not None and self.failed_chapter is not None:
+            if self.NEXT_RECORD.match(line) or len(self.failure) >= 200:
+                return self.report_failure()
+            self.failure.append(line)
+            return []
+        if m := self.START.search(line):
+            expected = self.times.get(m[1], {}).get(self.profile)
+            hint = f"（{self.profile} プロファイルの目安: {expected}）" if expected else ""
+            return [f"【進み具合】{self.name(m[1])} を実行しています{hint}…"]
+        if m := self.DONE.search(line):
+            self.finished.append((m[1], float(m[2])))
+            return [f"【進み具合】{self.name(m[1])}: {float(m[2]):.0f} 秒で実行しました"]
+        if m := self.FAILED.search(line):
+            self.failed_chapter, self.failure = m[1], []
+        return []
+
+    def report_failure(self) -> list[str]:
+        """The failed chapter, the cell that raised (nbclient prints its source between dashed lines) and the error."""
+        lines, chapter = self.failure or [], self.failed_chapter
+        self.failure, self.failed_chapter = None, None
+        dashes = [i for i, text in enumerate(lines) if text.strip() and set(text.strip()) == {"-"}]
+        cell = lines[dashes[0] + 1: dashes[1]] if len(dashes) >= 2 else []
+        after_cell = lines[dashes[1] + 1:] if len(dashes) >= 2 else lines
+        errors = [text for text in after_cell if re.match(r"^\w*(Error|Exception)\b.*:", text)]
+        out = [f"【失敗】{self.name(chapter)} の実行に失敗しました。"]
+        if cell:
+            out += ["  失敗したセル:", *(f"    {text}" for text in cell)]
+        out.append(f"  エラー: {errors[0] if errors else '（上のログを確認してください）'}")
+        return out
+
+    def close(self) -> list[str]:
+        out = self.report_failure() if self.failed_chapter else []
+        if self.finished:
+            total = sum(seconds for _, seconds in self.finished)
+            out.append(f"【進み具合】実行した章: {len(self.finished)}、合計 {total:.0f} 秒"
+                       "（ほかの章はキャッシュにある結果を使いました）")
+        return out
+
+
+def build_progress() -> BuildProgress:
+    import yaml
+
+    from solutions.runtime import get_profile
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    chapters = [m[1] for e in toc.get("chapters", []) if (m := re.fullmatch(r"book/(\d\d_\w+)", e["file"]))]
+    times = yaml.safe_load((ROOT / "chapter_times.yml").read_text(encoding="utf-8"))
+    return BuildProgress(chapters, times, get_profile())
+
+
 def build() -> int:
     """Execute every notebook (default profile, cached) and build the HTML; warnings fail."""
     jupyter_book = Path(sys.executable).parent / ("jupyter-book.exe" if os.name == "nt" else "jupyter-book")
-    code = run([str(jupyter_book), "build", ".", "-W", "--keep-going"], BOOK_NO_PROGRESS="1")  # no bars in the pages
+    progress = build_progress()
+    cmd = [str(jupyter_book), "build", ".", "-W", "--keep-going"]
+    print("$ " + " ".join(cmd), flush=True)
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env={**os.environ, "BOOK_NO_PROGRESS": "1"}) as proc:  # no progress bars in the pages
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            for message in progress.feed(line):
+                print(message, flush=True)
+    for message in progress.close():
+        print(message, flush=True)
+    code = proc.returncode
     index = ROOT / "_build" / "html" / "index.html"
     if code == 0 and index.exists():
         print(f"\n本ができました: {index}\nブラウザで開く: {index.as_uri()}")

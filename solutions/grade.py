@@ -23,7 +23,10 @@ from .checker import FAIL, MISSING, PASS, list_exercises
 LABELS = {PASS: "合格", FAIL: "不合格", MISSING: "未回答", "not_run": "未実行"}
 
 
-def grade(path: Path, profile: str = "smoke", timeout: int = 600) -> tuple[list[dict], bool]:
+def grade(path: Path, profile: str = "smoke", timeout: int = 600,
+          errors: list[str] | None = None) -> tuple[list[dict], bool]:
+    """Rows (one per exercise of the chapter) and whether all passed. ``errors``, when given, receives one
+    line per code cell that raised something other than a failed check (those are in the rows)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -43,6 +46,12 @@ def grade(path: Path, profile: str = "smoke", timeout: int = 600) -> tuple[list[
             for line in log.read_text(encoding="utf-8").splitlines():
                 v = json.loads(line)
                 seen[v["exercise_id"]] = v  # the last check of an exercise counts
+    if errors is not None:
+        code_cells = [c for c in nb.cells if c.cell_type == "code"]
+        for number, cell in enumerate(code_cells, 1):
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "error" and out.get("ename") != "ExerciseError":
+                    errors.append(f"{number} 番目のコードセル: {out.get('ename')}: {out.get('evalue')}")
     expected = [ex.id for ex in list_exercises(chapter=path.stem)]
     rows = [seen.get(i, {"exercise_id": i, "status": "not_run", "message": "check(...) が実行されませんでした。"})
             for i in expected]
@@ -66,7 +75,8 @@ def main(argv=None) -> int:
     if not args.notebook.is_file():
         print(f"ノートブックが見つかりません: {args.notebook}", file=sys.stderr)
         return 2
-    rows, ok = grade(args.notebook, args.profile, args.timeout)
+    errors: list[str] = []
+    rows, ok = grade(args.notebook, args.profile, args.timeout, errors)
     width = max([len(r["exercise_id"]) for r in rows] + [8])
     print(f"採点結果: {args.notebook}")
     print(f"{'演習':<{width}}  結果    詳細")
@@ -74,6 +84,10 @@ def main(argv=None) -> int:
         print(f"{r['exercise_id']:<{width}}  {LABELS[r['status']]:<6}  {r['message']}")
     passed = sum(r["status"] == PASS for r in rows)
     print(f"合計: {passed} / {len(rows)} 合格")
+    if errors:  # not part of the verdict, but the reader should see them
+        print("演習の判定のほかにエラーになったセル:")
+        for line in errors:
+            print(f"  {line}")
     return 0 if ok else 1
 
 

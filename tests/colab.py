@@ -97,7 +97,9 @@ def _locked(name: str):
 def constraints_file() -> Path:
     SIM.mkdir(exist_ok=True)
     path = SIM / "constraints.txt"
-    text = "".join(line + "\n" for line in sorted(pins().values()))
+    # the libraries a chapter may install (pyproject's local extra): a new pin of a tool (pytest, jupyter-book)
+    # does not change this file, so it does not rebuild the cached environments
+    text = "".join(line + "\n" for line in sorted(PYPROJECT["project"]["optional-dependencies"]["local"]))
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}")
         tmp.write_text(text)
