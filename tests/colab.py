@@ -188,14 +188,20 @@ def clone_working_tree(dest: Path) -> Path:
     return repo
 
 
-# Appended to the notebook copy: which installed distributions the chapter imported, for the "exactly" check.
-PROBE = """\
+def imported_distributions_code(out: str) -> str:
+    """Python source that writes, as JSON, the installed distributions whose modules the interpreter has
+    imported so far, to the file ``out`` ("-": standard output)."""
+    return f"""\
 import importlib.metadata as _md, json as _json, sys as _sys
-_top = {_m.split(".")[0] for _m in list(_sys.modules)}
+_top = {{_m.split(".")[0] for _m in list(_sys.modules)}}
 _dists = _md.packages_distributions()
-with open("colab_sim_imported.json", "w") as _f:
-    _json.dump(sorted({_d for _t in _top for _d in _dists.get(_t, [])}), _f)
+_found = _json.dumps(sorted({{_d for _t in _top for _d in _dists.get(_t, [])}}))
+print(_found) if {out!r} == "-" else open({out!r}, "w").write(_found)
 """
+
+
+# Appended to the notebook copy: which installed distributions the chapter imported, for the "exactly" check.
+PROBE = imported_distributions_code("colab_sim_imported.json")
 
 
 @dataclass

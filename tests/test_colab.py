@@ -4,10 +4,13 @@ notebook in the smoke profile with nbval. This is the run that proves every note
 environments are cached in .colab-sim/ (see tests/colab.py for what is simulated and how).
 """
 
+import json
+import os
 import subprocess
 
 import nbformat
 import pytest
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import colab
@@ -17,7 +20,7 @@ from solutions.checker import MISSING
 
 BASE = {canonicalize_name(n) for n in colab.COLAB_BASE}
 # Distributions that come with the package (its declared dependencies); a first cell must not repeat them.
-PACKAGE_DEPS = {canonicalize_name(colab.Requirement(r).name) for r in colab.PYPROJECT["project"]["dependencies"]}
+PACKAGE_DEPS = {canonicalize_name(Requirement(r).name) for r in colab.PYPROJECT["project"]["dependencies"]}
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,7 @@ def test_first_cell_adds_loose_bounds_to_what_colab_has(chapter):
         assert name not in BASE, f"{chapter}: Colab にある {req.name} を最初のセルで入れ直しています"
         assert name not in PACKAGE_DEPS, f"{chapter}: {req.name} はパッケージの依存なので、最初のセルには要りません"
         assert req.specifier and all(s.operator == ">=" for s in req.specifier), f"{chapter}: {req} は下限だけに"
-        version = colab.Requirement(pinned[name]).specifier
+        version = Requirement(pinned[name]).specifier
         assert req.specifier.contains(next(iter(version)).version), f"{chapter}: {req} がテストの版を含みません"
 
 
@@ -87,15 +90,13 @@ def test_the_package_imports_only_its_declared_dependencies(clone, tmp_path):
     env = colab.chapter_env("package-only", "")
     python = str(colab._python(env))
     name = colab.PYPROJECT["project"]["name"]
-    pip_env = {**colab.os.environ, "PIP_CONSTRAINT": str(colab.constraints_file())}
+    pip_env = {**os.environ, "PIP_CONSTRAINT": str(colab.constraints_file())}
     subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", name], capture_output=True)
     subprocess.run([python, "-m", "pip", "install", "-q", f"{name} @ git+{clone.as_uri()}@main"], check=True,
                    env=pip_env)
-    probe = ("import importlib.metadata as md, json, sys; import solutions; "
-             "top = {m.split('.')[0] for m in list(sys.modules)}; d = md.packages_distributions(); "
-             "print(json.dumps(sorted({x for t in top for x in d.get(t, [])})))")
+    probe = "import solutions\n" + colab.imported_distributions_code("-")
     out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout
-    imported = {canonicalize_name(d) for d in colab.json.loads(out)} - {canonicalize_name(name)}
+    imported = {canonicalize_name(d) for d in json.loads(out)} - {canonicalize_name(name)}
     assert imported >= PACKAGE_DEPS, f"宣言しているのに import しない依存: {sorted(PACKAGE_DEPS - imported)}"
     # What the dependencies pull in themselves (torch's sympy, matplotlib's pillow, ...) is theirs, not ours.
     closure_probe = ("import importlib.metadata as md, json, re, sys\n"
@@ -110,5 +111,5 @@ def test_the_package_imports_only_its_declared_dependencies(clone, tmp_path):
                      "print(json.dumps(sorted(seen)))")
     out = subprocess.run([python, "-c", closure_probe, *PACKAGE_DEPS], capture_output=True, text=True,
                          check=True).stdout
-    closure = {canonicalize_name(d) for d in colab.json.loads(out)}
+    closure = {canonicalize_name(d) for d in json.loads(out)}
     assert imported <= closure, f"依存に宣言していないのに import するもの: {sorted(imported - closure)}"
