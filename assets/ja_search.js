@@ -70,3 +70,21 @@ var splitQuery = (() => {
     });
   };
 })();
+
+/*
+ * Sphinx 7.4 の日本語の翻訳では、検索結果の件数の文（"Search finished, found ${resultCount} page(s) ..."）が
+ * 空文字列なので、結果の上の件数の行が空になる。translations.js はこのファイルより先に読み込まれるので、
+ * ここで空の訳だけを埋める。テーマの検索ボックスの英語の placeholder（"Search..."）も日本語にする。
+ */
+(() => {
+  const found = "Search finished, found ${resultCount} page(s) matching the search query.";
+  if (typeof Documentation !== "undefined" && Documentation.TRANSLATIONS && !Documentation.TRANSLATIONS[found]) {
+    Documentation.TRANSLATIONS[found] = "検索が終わりました。${resultCount} ページが見つかりました。";
+  }
+  const placeholders = () =>
+    document.querySelectorAll('input[name="q"][placeholder="Search..."]').forEach((box) => {
+      box.placeholder = "本書を検索…";
+    });
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", placeholders);
+  else placeholders();
+})();

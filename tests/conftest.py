@@ -23,8 +23,9 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Longest first: pytest-xdist (worksteal) splits the collected list among the workers and an idle worker takes
 # tests from the end of another's queue, so a long test collected late runs alone at the end. Modules in the
-# order of their longest test (measured: Rainbow's learning test about 165 s, the others 30-90 s).
-LONG_MODULES = ("test_rainbow_learning.py", "test_darts_learning.py", "test_lora_learning.py",
+# order of their longest test (measured: the executed book build about 4 min, Rainbow's learning test about
+# 165 s, the others 30-90 s).
+LONG_MODULES = ("test_book_build.py", "test_rainbow_learning.py", "test_darts_learning.py", "test_lora_learning.py",
                 "test_transformer_learning.py", "test_colab.py", "test_chapters.py", "test_vit_learning.py",
                 "test_hpo_storage.py")
 
@@ -39,8 +40,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def built_book(tmp_path_factory):
-    """The book built once per test run (strict: warnings fail; notebooks not executed), shared by the
-    pytest-xdist workers: the build test and the browser tests read the same HTML."""
+    """The book as `python3 tasks.py build` makes it, built once per test run and shared by the pytest-xdist
+    workers (the build test and the browser tests read the same HTML): every chapter executed in the smoke
+    profile (a character missing from the plot font fails its cell there), strict (warnings fail the build)."""
     import fcntl
     import subprocess
 
@@ -53,7 +55,7 @@ def built_book(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (shared / "result.txt").exists():
             config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
-            config["execute"]["execute_notebooks"] = "off"
+            config["execute"]["execute_notebooks"] = "force"  # no cache from an earlier run
             # relative to the configuration file, which moves to the temporary directory
             config["sphinx"]["local_extensions"] = {
                 name: str(ROOT / path) for name, path in config["sphinx"]["local_extensions"].items()}
@@ -62,8 +64,9 @@ def built_book(tmp_path_factory):
             jupyter_book = Path(sys.executable).parent / "jupyter-book"
             result = subprocess.run(
                 [str(jupyter_book), "build", str(ROOT), "--config", str(config_path), "--path-output", str(shared),
-                 "-W", "--keep-going", "--all"], capture_output=True, text=True, timeout=900)
-            (shared / "log.txt").write_text(result.stdout[-6000:] + result.stderr[-6000:], encoding="utf-8")
+                 "-W", "--keep-going", "--all"], capture_output=True, text=True, timeout=1800,
+                env={**os.environ, "BOOK_PROFILE": "smoke", "BOOK_NO_PROGRESS": "1"})
+            (shared / "log.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
             (shared / "result.txt").write_text(str(result.returncode))
     return BuiltBook(shared / "_build" / "html", int((shared / "result.txt").read_text()),
                      (shared / "log.txt").read_text(encoding="utf-8"), config_path=shared / "_config.yml")

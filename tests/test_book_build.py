@@ -1,16 +1,19 @@
-"""The book builds without executing notebooks, with warnings as errors (broken references,
-TOC entries or MyST syntax fail here), and the page has what readers rely on. The build is
+"""The book builds with every chapter executed (smoke profile) and warnings as errors (broken references,
+TOC entries, MyST syntax or a failing cell fail here), and the pages have what readers rely on. The build is
 shared with the browser tests (conftest.built_book)."""
 
 import json
+import re
 
 import yaml
 
 from chapters import CHAPTERS, ROOT
 
 
-def test_strict_build_without_execution(built_book):
-    assert built_book.returncode == 0, built_book.log
+def test_strict_build_executes_every_chapter(built_book):
+    assert built_book.returncode == 0, built_book.log[-8000:]
+    executed = set(re.findall(r"book/(\d\d_\w+)\.ipynb: Executed notebook in", built_book.log))
+    assert executed == set(CHAPTERS), sorted(set(CHAPTERS) - executed)
     html = built_book.html
     config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
     url = config["repository"]["url"].removeprefix("https://github.com/")
@@ -32,3 +35,15 @@ def test_every_script_once_and_mathjax_from_the_book(built_book):
     assert page.count("const THEBE_JS_URL") == 1 and page.count("var togglebuttonSelector") == 1
     assert "cdn.jsdelivr.net" not in page and "_static/mathjax/tex-chtml.js" in page
     assert (built_book.html / "_static" / "mathjax" / "tex-chtml.js").exists()
+
+
+def test_plots_are_in_the_pages_and_no_glyph_is_missing(built_book):
+    """Every chapter draws at least one figure; matplotlib's "Glyph ... missing from font" (a Japanese label
+    drawn without a Japanese font) appears neither in the build log nor in a page."""
+    assert not re.search(r"Glyph \d+ .*missing from font", built_book.log)
+    for chapter in CHAPTERS:
+        page = (built_book.html / "book" / f"{chapter}.html").read_text(encoding="utf-8")
+        images = re.findall(r'<img[^>]* src="\.\./(_images/[^"]+\.png)"', page)  # figures the cells drew
+        assert images, f"{chapter}: 図がありません"
+        assert all((built_book.html / image).stat().st_size > 1000 for image in images), chapter
+        assert "missing from font" not in page, chapter

@@ -2,8 +2,9 @@
 Playwright over the HTML of conftest.built_book, served from 127.0.0.1.
 
 Every page of _toc.yml loads without console errors or requests to other hosts, is Japanese and
-shows its images; each chapter has its Colab and .ipynb download buttons; math is typeset by the
-MathJax inside the build; Japanese terms typed into the search box find the page that explains
+shows its images (the chapters' executed figures among them); each chapter has its Colab and .ipynb
+download buttons; the reference solutions are collapsed until the reader opens them; math is typeset
+by the MathJax inside the build; Japanese terms typed into the search box find the page that explains
 them; every internal link and anchor resolves. Screenshots go to _build/screenshots/ for review.
 """
 
@@ -39,6 +40,7 @@ SEARCHES = {
     "量子化": "book/05_quantization",
     "優先度付き経験再生": "book/06_rainbow",
     "強化学習": "book/06_rainbow",
+    "勾配チェックポインティング": "book/05_quantization",
 }
 
 
@@ -101,6 +103,8 @@ def test_page_loads_in_japanese_without_errors(page, site, doc):
     assert len(JAPANESE.findall(text)) > 200, text[:500]
     broken = page.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
     assert broken == [], broken
+    boxes = page.locator("input[name=q]").evaluate_all("bs => bs.map(b => b.placeholder)")
+    assert boxes and all(JAPANESE.search(b) for b in boxes), boxes  # the theme's own is "Search..."
     assert page.problems == [], page.problems
     screenshot(page, Path(doc).name)
 
@@ -116,6 +120,30 @@ def test_chapter_opens_in_colab_and_downloads_as_a_notebook(page, site, chapter)
     notebook = [h for h in downloads if h.endswith(f"_sources/book/{chapter}.ipynb")]
     assert len(notebook) == 1, downloads
     assert page.evaluate("url => fetch(url).then(r => r.status)", notebook[0]) == 200
+    assert page.problems == [], page.problems
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_solutions_are_collapsed_until_the_reader_opens_them(page, site, chapter):
+    source = (ROOT / "lessons_src" / f"{chapter}.md").read_text(encoding="utf-8")
+    solutions = len(re.findall(r"^show_solution\(", source, flags=re.M))  # the cells, not the prose mentioning it
+    page.goto(f"{site}/book/{chapter}.html", wait_until="load")
+    collapsed = page.locator("div.cell.tag_hide-output details.hide")
+    assert collapsed.count() == solutions > 0
+    assert page.evaluate("[...document.querySelectorAll('div.tag_hide-output details')].every(d => !d.open)")
+    for i in (0, solutions - 1):
+        details = collapsed.nth(i)
+        output = details.locator(".cell_output")
+        assert not output.is_visible()
+        assert details.locator("summary").inner_text().strip() == "模範解答を表示"
+        details.locator("summary").click()
+        output.wait_for(state="visible")
+        shown = output.inner_text()
+        assert "の模範解答" in shown and re.search(r"^\s*(def|class) ", shown, flags=re.M), shown[:300]
+        assert details.locator("summary").inner_text().strip() == "模範解答を隠す"
+    if chapter == CHAPTERS[0]:
+        details.scroll_into_view_if_needed()
+        screenshot(page, "solution-opened")
     assert page.problems == [], page.problems
 
 
@@ -150,6 +178,9 @@ def search_as_a_reader(page, site, query) -> list[str]:
 def test_japanese_search_finds_the_page_that_explains_it(page, site, query, expected):
     pages = search_as_a_reader(page, site, query)
     assert expected in pages[:3], f"「{query}」: {pages}"
+    summary = page.locator("#search-results .search-summary").inner_text()
+    found = page.locator("#search-results ul.search li").count()
+    assert summary == f"検索が終わりました。{found} ページが見つかりました。"  # Sphinx's own ja text is empty
     assert page.problems == [], page.problems
     if query == next(iter(SEARCHES)):
         screenshot(page, "search")

@@ -110,6 +110,17 @@ def test_registered_exercises_and_the_notebooks_checks_agree(chapter):
     assert source.count("raise NotImplementedError") == len(registered)
 
 
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_only_the_solution_cells_are_collapsed(chapter):
+    """The book labels every collapsed output 模範解答を表示 (_config.yml): each show_solution cell is tagged
+    hide-output, and no other cell is."""
+    nb = nbformat.read(notebook_path(chapter), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            solution = cell.source.strip().startswith("show_solution(")
+            assert solution == ("hide-output" in cell.metadata.get("tags", [])), cell.source[:200]
+
+
 def filled_in(chapter: str, broken: str | None = None):
     """The chapter as a reader fills it in: each skeleton replaced by its reference's source, in the notebook's
     own cell (so later cells use the reader's objects, not the fallback). ``broken``: that exercise's answer is
