@@ -12,10 +12,12 @@ repository plus whatever else the chapter needs. This module rebuilds that situa
    chapter gets beyond the base comes from its first cell, so the cache key is that cell's
    text plus the package's own dependencies: a cached environment holds exactly what the
    first cell installed, and a library it does not install is never there.
-3. ``run_chapter(...)``: the notebook, unchanged, executed by nbval in that environment's kernel
-   from an empty working directory (Colab's /content), with the repository URL of the first
-   cell redirected by git's ``url.<base>.insteadOf`` to a temporary clone of the working tree,
-   so the cell runs verbatim and installs this checkout's package.
+3. ``run_chapter(...)``: the notebook, unchanged, executed cell by cell (nbclient, stopping at the
+   first error) in that environment's kernel from an empty working directory (Colab's /content),
+   with the repository URL of the first cell redirected by git's ``url.<base>.insteadOf`` to a
+   temporary clone of the working tree, so the cell runs verbatim and installs this checkout's
+   package. The executed notebook is kept: the book the browser tests read is built from it
+   (``run_chapter_once``: each chapter runs once per test session, whichever test needs it first).
 
 pip installs resolve against pyproject.toml's pins (``PIP_CONSTRAINT``): the first cells'
 loose bounds must admit the versions the book is tested with, and the run is reproducible.
@@ -121,7 +123,9 @@ def _build_base(env: Path, requirements: list[str]) -> None:
     for old in SIM.glob("base-*"):
         shutil.rmtree(old, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    pip = [str(_python(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile: Python compiles what a chapter imports when it imports it; compiling every module of torch
+    # at install time costs the test command minutes and tells nothing about Colab.
+    pip = [str(_python(env)), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     for requirement in requirements:  # one at a time, torch first: nothing later may replace it
         subprocess.run([*pip, requirement], check=True)
@@ -204,6 +208,36 @@ print(_found) if {out!r} == "-" else open({out!r}, "w").write(_found)
 PROBE = imported_distributions_code("colab_sim_imported.json")
 
 
+# Runs in the test environment (which has nbclient), driving the chapter environment's kernel: every code cell in
+# order, stopping at the first error like a reader's "run all"; the executed notebook and each code cell's
+# seconds (code cells numbered from 0, the first cell being the installs) are written next to it.
+EXECUTE = """\
+import json, sys, time
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+path, out, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3])
+nb = nbformat.read(path, as_version=4)
+client = NotebookClient(nb, timeout=timeout, kernel_name="colab-sim", resources={"metadata": {"path": "."}})
+seconds, failed = {}, False
+with client.setup_kernel():
+    code_cells = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    for number, (index, cell) in enumerate(code_cells):
+        start = time.perf_counter()
+        try:
+            client.execute_cell(cell, index)
+        except CellExecutionError as error:
+            print(f"Cell {number} failed:\\n{error}")
+            failed = True
+        seconds[number] = round(time.perf_counter() - start, 2)
+        if failed:
+            break
+nbformat.write(nb, out)
+json.dump(seconds, open("cell_seconds.json", "w"))
+sys.exit(1 if failed else 0)
+"""
+
+
 @dataclass
 class Result:
     returncode: int
@@ -211,40 +245,76 @@ class Result:
     missing: list[str]          # module names a cell failed to import
     imported: set[str] | None   # canonical names of the distributions the chapter had imported at the end
     verdicts: list[dict]        # what each check(...) wrote to BOOK_GRADE_LOG
-    seconds: dict[int, float]   # cell index → seconds (cell 0: the first cell's installs)
+    seconds: dict[int, float]   # code cell number → seconds (cell 0: the first cell's installs)
+    executed: Path | None       # the notebook with its outputs, the probe cell removed
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "imported": None if self.imported is None else sorted(self.imported),
+                           "executed": None if self.executed is None else str(self.executed)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        d = json.loads(text)
+        return cls(**{**d, "imported": None if d["imported"] is None else set(d["imported"]),
+                      "seconds": {int(k): v for k, v in d["seconds"].items()},
+                      "executed": None if d["executed"] is None else Path(d["executed"])})
 
 
 def run_chapter(notebook: Path, env: Path, clone: Path, workdir: Path, timeout: int = 600) -> Result:
-    """Execute the notebook (plus the probe cell) with nbval in env's kernel, from an empty workdir."""
+    """Execute the notebook (plus the probe cell) in env's kernel, from an empty workdir."""
     workdir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(notebook, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
     copy = workdir / notebook.name
     nbformat.write(nb, copy)
-    (workdir / "pytest.ini").write_text("[pytest]\n")  # keeps pytest from reading this repository's options
     log = workdir / "verdicts.jsonl"
     env_vars = {k: v for k, v in os.environ.items()
                 if k not in {"PYTHONPATH", "VIRTUAL_ENV", "JUPYTER_PATH", "BOOK_STRICT", "BOOK_GRADE_LOG"}}
     env_vars.update(
         BOOK_PROFILE="smoke", BOOK_GRADE_LOG=str(log), JUPYTER_PATH=str(env / "share" / "jupyter"),
-        PIP_CONSTRAINT=str(constraints_file()), PIP_DISABLE_PIP_VERSION_CHECK="1",
+        # pip: the book's pins, and no .pyc at install time (a chapter compiles what it imports when it imports it)
+        PIP_CONSTRAINT=str(constraints_file()), PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_COMPILE="0",
         # the first cell's URL, verbatim, fetched from the temporary clone
         GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0=f"url.{clone.parent.as_uri()}/.insteadOf",
         GIT_CONFIG_VALUE_0=REPOSITORY.rsplit("/", 1)[0] + "/")
     # The package itself always comes from this run's clone, never from the cache.
     subprocess.run([str(_python(env)), "-m", "pip", "uninstall", "-q", "-y", PYPROJECT["project"]["name"]],
                    capture_output=True, env=env_vars)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--nbval-lax",
-         f"--nbval-cell-timeout={timeout}", "--nbval-kernel-name=colab-sim", "--durations=0", copy.name],
-        cwd=workdir, env=env_vars, capture_output=True, text=True)
-    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # nbval colours its report
+    executed = workdir / "executed" / notebook.name
+    executed.parent.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", EXECUTE, copy.name, str(executed), str(timeout)],
+                          cwd=workdir, env=env_vars, capture_output=True, text=True)
+    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # tracebacks come coloured
     missing = sorted(set(re.findall(r"ModuleNotFoundError: No module named '([\w.]+)'", output)))
     probe = workdir / "colab_sim_imported.json"
     imported = {canonicalize_name(d) for d in json.loads(probe.read_text())} if probe.exists() else None
     verdicts = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
-    seconds = {int(cell): float(t) for t, cell in re.findall(r"([\d.]+)s call\s+\S+::Cell (\d+)", output)}
-    return Result(proc.returncode, output, missing, imported, verdicts, seconds)
+    times = workdir / "cell_seconds.json"
+    seconds = {int(k): v for k, v in json.loads(times.read_text()).items()} if times.exists() else {}
+    if executed.exists():
+        done = nbformat.read(executed, as_version=4)
+        done.cells = done.cells[:-1]  # the probe
+        nbformat.write(done, executed)
+    return Result(proc.returncode, output, missing, imported, verdicts, seconds,
+                  executed if executed.exists() else None)
+
+
+def run_chapter_once(chapter: str, notebook: Path, shared: Path, clone: Path, wait: bool = True) -> Result | None:
+    """The chapter's simulated Colab run, done once per test session (several pytest-xdist workers may ask):
+    the first caller runs it in ``shared/<chapter>`` and records the result, the others read it. With
+    ``wait=False``, None while another worker is running it (the caller can run another chapter meanwhile)."""
+    where = shared / chapter
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        if not (where / "result.json").exists():
+            result = run_chapter(notebook, chapter_env(chapter, first_cell(notebook)), clone, where / "content")
+            record_times(chapter, result)
+            (where / "result.json").write_text(result.to_json(), encoding="utf-8")
+        return Result.from_json((where / "result.json").read_text(encoding="utf-8"))
 
 
 def record_times(chapter: str, result: Result) -> None:

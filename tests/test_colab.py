@@ -1,7 +1,8 @@
 """Every chapter of _toc.yml as a reader runs it on Colab: a bare environment, the chapter's own first
 cell (its "on Colab" branch, installing this checkout through a temporary clone), then the whole
-notebook in the smoke profile with nbval. This is the run that proves every notebook runs; the
-environments are cached in .colab-sim/ (see tests/colab.py for what is simulated and how).
+notebook in the smoke profile, cell by cell, stopping at the first error. This is the run that proves
+every notebook runs (and the book the browser tests read shows its outputs); the environments are
+cached in .colab-sim/ (see tests/colab.py for what is simulated and how).
 """
 
 import json
@@ -21,11 +22,6 @@ from solutions.checker import MISSING
 BASE = {canonicalize_name(n) for n in colab.COLAB_BASE}
 # Distributions that come with the package (its declared dependencies); a first cell must not repeat them.
 PACKAGE_DEPS = {canonicalize_name(Requirement(r).name) for r in colab.PYPROJECT["project"]["dependencies"]}
-
-
-@pytest.fixture(scope="session")
-def clone(tmp_path_factory):
-    return colab.clone_working_tree(tmp_path_factory.mktemp("colab-repo"))
 
 
 def assert_runs_on_colab(chapter: str, result: colab.Result, installs: set[str]) -> None:
@@ -55,11 +51,10 @@ def test_first_cell_adds_loose_bounds_to_what_colab_has(chapter):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_runs_on_colab_from_its_first_cell(chapter, clone, tmp_path):
+def test_runs_on_colab_from_its_first_cell(chapter, colab_run):
     cell = colab.first_cell(notebook_path(chapter))
     installs = {canonicalize_name(r.name) for r in colab.first_cell_requirements(cell)}
-    result = colab.run_chapter(notebook_path(chapter), colab.chapter_env(chapter, cell), clone, tmp_path / "content")
-    colab.record_times(chapter, result)
+    result = colab_run(chapter)
     assert_runs_on_colab(chapter, result, installs)
     # As shipped, every exercise is unanswered: each check says so and the chapter goes on with the reference.
     expected = {ex.id for ex in list_exercises(chapter=chapter)}
@@ -67,7 +62,7 @@ def test_runs_on_colab_from_its_first_cell(chapter, clone, tmp_path):
     assert all(v["status"] == MISSING for v in result.verdicts), result.verdicts
 
 
-def test_a_library_the_first_cell_omits_fails_with_the_chapter_and_its_name(clone, tmp_path):
+def test_a_library_the_first_cell_omits_fails_with_the_chapter_and_its_name(colab_clone, tmp_path):
     """Chapter 6 with gymnasium dropped from its first cell: the run stops at the import and the test names both."""
     chapter, dropped = "06_rainbow", '"gymnasium>=1.0", '
     cell = colab.first_cell(notebook_path(chapter))
@@ -77,14 +72,14 @@ def test_a_library_the_first_cell_omits_fails_with_the_chapter_and_its_name(clon
     first = next(c for c in nb.cells if c.cell_type == "code")
     first.source = cell.replace(dropped, "")
     nbformat.write(nb, notebook)
-    result = colab.run_chapter(notebook, colab.chapter_env(f"{chapter}-without-gymnasium", first.source), clone,
-                               tmp_path / "content")
+    result = colab.run_chapter(notebook, colab.chapter_env(f"{chapter}-without-gymnasium", first.source),
+                               colab_clone, tmp_path / "content")
     assert result.returncode != 0
     with pytest.raises(AssertionError, match=r"06_rainbow: 最初のセルがインストールしないライブラリ.*gymnasium"):
         assert_runs_on_colab(chapter, result, set())
 
 
-def test_the_package_imports_only_its_declared_dependencies(clone, tmp_path):
+def test_the_package_imports_only_its_declared_dependencies(colab_clone, tmp_path):
     """`import solutions` (what every chapter's settings cell does) needs nothing beyond the package's
     dependencies, and each dependency is really imported (none is there only in case)."""
     env = colab.chapter_env("package-only", "")
@@ -92,7 +87,7 @@ def test_the_package_imports_only_its_declared_dependencies(clone, tmp_path):
     name = colab.PYPROJECT["project"]["name"]
     pip_env = {**os.environ, "PIP_CONSTRAINT": str(colab.constraints_file())}
     subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", name], capture_output=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", f"{name} @ git+{clone.as_uri()}@main"], check=True,
+    subprocess.run([python, "-m", "pip", "install", "-q", f"{name} @ git+{colab_clone.as_uri()}@main"], check=True,
                    env=pip_env)
     probe = "import solutions\n" + colab.imported_distributions_code("-")
     out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout

@@ -54,6 +54,8 @@ BAD_RENDERINGS = [
     (r"混合精密", "混合精度", "mixed precision"),
     (r"逆伝搬", "逆伝播", "backpropagation"),
     (r"低ランク適合", "低ランク適応", "low-rank adaptation"),
+    (r"[12] ?次近似", "一次近似 / 二次近似", "first-order / second-order approximation"),
+    (r"方策オ[フン](?!型)", "方策オフ型 / 方策オン型", "off-policy / on-policy"),
 ]
 
 # English in parentheses after Japanese that names no term of the book: a data set, a type, a code value.

@@ -20,7 +20,7 @@ CHAPTER_LINK = re.compile(r"\]\((\d\d_\w+)\.ipynb(?:#([^)\s]+))?\)")
 # What the closing page must cover (the seed lesson's summary, as a map): for each checklist, each topic is an
 # item "- **topic**: ..." whose first link leads to a section that uses the word in the right-hand column.
 CHECKLISTS = {
-    "性能のチェックリスト": {"混合精度": "混合精度", "勾配チェックポインティング": "勾配チェックポインティング",
+    "速さとメモリのチェックリスト": {"混合精度": "混合精度", "勾配チェックポインティング": "勾配チェックポインティング",
                     "並列": "並列", "効率的なアテンション": "scaled_dot_product_attention"},
     "デバッグのチェックリスト": {"勾配の流れ": "勾配", "活性値の統計": "活性値", "損失地形": "損失地形",
                       "アテンションの重み": "アテンションの重み"},

@@ -45,17 +45,17 @@ def test_nf4_codes_and_absmax_equal_bitsandbytes(shape):
     torch.testing.assert_close(quant.nf4_dequantize(codes, absmax, w.shape), theirs)
 
 
-def test_bitsandbytes_cpu_dequantize_needs_rows_of_whole_blocks():
-    """A measured bitsandbytes 0.50.2 CPU fault the chapter works around (its model's in_features are
-    multiples of 64): the codes are right, the 2-D dequantization is not when a row is not whole blocks.
-    If this starts failing, bitsandbytes fixed it: drop the note in chapter 5 and this test."""
+def test_bitsandbytes_cpu_quantizes_rows_that_are_not_whole_blocks_like_ours():
+    """Chapter 5 keeps in_features a multiple of 64 because bitsandbytes 0.50.2's CPU dequantization of a
+    (96, 96) weight returned wrong values on the machine the chapter was written on, while on an AMD EPYC (AVX2)
+    it is right: the fault depends on the CPU, so it is not asserted here. What holds on every CPU: the codes and
+    absmax of such rows equal ours, and our dequantization is the accurate one (whole-block rows: the test above)."""
     w = torch.randn(96, 96, generator=torch.Generator().manual_seed(1))
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
     codes, absmax = quant.nf4_quantize(w, 64)
     assert torch.equal(codes.long(), unpack_nibbles(packed))
-    ours = quant.relative_error(quant.nf4_dequantize(codes, absmax, w.shape), w)
-    theirs = quant.relative_error(bnbF.dequantize_4bit(packed, state), w)
-    assert ours < 0.1 < 0.2 < theirs
+    torch.testing.assert_close(absmax, state.absmax, atol=0, rtol=0)
+    assert quant.relative_error(quant.nf4_dequantize(codes, absmax, w.shape), w) < 0.1
 
 
 def test_rowwise_absmax_equals_linear8bitlt_quantization():
