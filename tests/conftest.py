@@ -21,21 +21,58 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     atexit.register(shutil.rmtree, _tmp, True)
 
 
-# Longest first: pytest-xdist (worksteal) splits the collected list among the workers and an idle worker takes
-# tests from the end of another's queue, so a long test collected late runs alone at the end. Modules in the
-# order of their longest test (measured: the book build, which waits for every chapter's simulated Colab run,
-# 4-6 min; Rainbow's learning test about 165-260 s, the others 30-130 s).
-LONG_MODULES = ("test_book_build.py", "test_rainbow_learning.py", "test_darts_learning.py", "test_lora_learning.py",
-                "test_transformer_learning.py", "test_colab.py", "test_chapters.py", "test_vit_learning.py",
-                "test_hpo_storage.py")
+# The order of the collected tests decides how pytest-xdist (worksteal) shares them: it hands the first
+# len/k tests to the first of k workers, the next share to the next, and an idle worker later takes tests
+# from the end of another's queue. So the long tests are shared out here, longest first, each to the share
+# with the least work so far (seconds measured in clean-clone runs on 2 cores, rounded up; a module whose tests
+# share a module-scoped fixture stays in one share); the short ones fill the shares up to their sizes; the
+# book's tests, which need every chapter's simulated Colab run, come last.
+MODULE_SECONDS = {"test_rainbow_learning.py": 300, "test_lora_learning.py": 240, "test_darts_learning.py": 150,
+                  "test_transformer_learning.py": 130, "test_vit_learning.py": 100, "test_hpo_learning.py": 60,
+                  "test_hpo_storage.py": 60, "test_sam_learning.py": 40, "test_ppo_learning.py": 40,
+                  "test_quant_learning.py": 40}
+TEST_SECONDS = {"test_colab.py::test_runs_on_colab_from_its_first_cell": 50,
+                "test_colab.py::test_a_library_the_first_cell_omits": 25,
+                "test_colab.py::test_the_package_imports_only": 25,
+                "test_chapters.py::test_filled_in_with_the_references_grades_all_pass": 35,
+                "test_chapters.py::test_one_broken_answer_fails": 20}
+LAST = ("test_book_build.py", "test_browser.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    module = {id(i): i.nodeid.split("::")[0].rsplit("/", 1)[-1] for i in items}
 
-    items.sort(key=rank)
+    def seconds(item):
+        test = module[id(item)] + "::" + item.nodeid.split("::", 1)[-1]
+        return next((s for prefix, s in TEST_SECONDS.items() if test.startswith(prefix)), 0)
+
+    groups: dict[str, list] = {}
+    for item in items:
+        key = module[id(item)] if module[id(item)] in MODULE_SECONDS else item.nodeid
+        if module[id(item)] in MODULE_SECONDS or seconds(item):
+            groups.setdefault(key, []).append(item)
+    weight = {k: MODULE_SECONDS.get(k) or sum(seconds(i) for i in g) for k, g in groups.items()}
+    heavy = {id(i) for g in groups.values() for i in g}
+    last = [i for i in items if module[id(i)] in LAST]
+    light = [i for i in items if id(i) not in heavy and module[id(i)] not in LAST]
+    # the share sizes worksteal hands out: len // workers_remaining, in turn
+    sizes, left = [], len(items)
+    for remaining in range(workers, 0, -1):
+        sizes.append(left // remaining)
+        left -= sizes[-1]
+    shares, load = [[] for _ in range(workers)], [0] * workers
+    for key in sorted(groups, key=lambda k: -weight[k]):
+        share = min(range(workers), key=lambda s: load[s])
+        shares[share] += groups[key]
+        load[share] += weight[key]
+    tail = light + last  # the book's tests at the very end
+    ordered = []
+    for share, size in zip(shares, sizes, strict=True):
+        fill = max(size - len(share), 0) if share is not shares[-1] else len(tail)
+        ordered += share + tail[:fill]
+        tail = tail[fill:]
+    items[:] = ordered + tail
 
 
 @pytest.fixture(scope="session")
