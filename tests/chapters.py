@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import yaml
+from myst_parser.mdit_to_docutils.base import default_slugify
 
 ROOT = Path(__file__).resolve().parents[1]
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
@@ -53,3 +54,45 @@ def load_answers(chapter: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# A chapter's sections, as the glossary and the closing page link to them (MyST heading anchors).
+def plain(title: str) -> str:
+    """A heading's text as rendered (the text MyST makes its anchor from)."""
+    title = re.sub(r"`([^`]*)`", r"\1", title)
+    return re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", title).strip()
+
+
+def sections(chapter: str) -> list[dict]:
+    """The chapter's headings in order: level, title, MyST anchor, and the prose under it (code cells left out)."""
+    out, in_code, seen = [], False, set()
+    for line in source_path(chapter).read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if in_code:
+            continue
+        if m := re.match(r"(#{1,6}) (.*)$", line):
+            title = plain(m[2])
+            slug = base = default_slugify(title)
+            i = 1
+            while slug in seen:
+                slug, i = f"{base}-{i}", i + 1
+            seen.add(slug)
+            out.append({"level": len(m[1]), "title": title, "slug": slug, "lines": [title]})
+        elif out:
+            out[-1]["lines"].append(line)
+    return out
+
+
+def section_text(chapter: str, anchor: str | None) -> str | None:
+    """The text of the section the anchor names, its subsections included (no anchor: the chapter's opening)."""
+    secs = sections(chapter)
+    start = 0 if anchor is None else next((i for i, s in enumerate(secs) if s["slug"] == anchor), None)
+    if start is None:
+        return None
+    end = next((j for j in range(start + 1, len(secs)) if secs[j]["level"] <= secs[start]["level"]), len(secs))
+    if anchor is None:
+        end = 1
+    text = "\n".join(line for s in secs[start:end] for line in s["lines"])
+    return re.sub(r"\$\\alpha\$", "α", text).replace("`", "")

@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_glossary import section_text
 
-from chapters import CHAPTERS, ROOT, toc_files
+from chapters import CHAPTERS, ROOT, section_text, toc_files
 
 SUMMARY = ROOT / "book" / "summary.md"
 CHAPTER_LINK = re.compile(r"\]\((\d\d_\w+)\.ipynb(?:#([^)\s]+))?\)")
