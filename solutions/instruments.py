@@ -220,21 +220,30 @@ def plot_curve(ax, x, ys, label=None, *, reference=None, reference_label=None, s
 # Reinforcement learning
 
 
-def evaluate_policy(act: Callable[[np.ndarray], int], env_id: str, episodes: int, seed: int) -> float:
-    """Mean return of ``act`` (observation -> action) over ``episodes`` episodes seeded seed, seed + 1, ..."""
+def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, seed: int) -> float:
+    """Mean return of ``act`` over ``episodes`` episodes seeded seed, seed + 1, ...
+
+    The episodes run side by side, each in its own environment: ``act`` receives the observations of
+    the episodes still running as one batch (n, obs_dim) and returns their n actions, so a policy
+    network runs once per time step instead of once per step of every episode.
+    """
     import gymnasium as gym
 
-    env = gym.make(env_id)
-    returns = []
-    for e in range(episodes):
-        obs, _ = env.reset(seed=seed + e)
-        done, total = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
+    envs = [gym.make(env_id) for _ in range(episodes)]
+    obs = [env.reset(seed=seed + e)[0] for e, env in enumerate(envs)]
+    returns = [0.0] * episodes
+    running = list(range(episodes))
+    while running:
+        actions = act(np.stack([obs[e] for e in running]))
+        still = []
+        for e, action in zip(running, actions, strict=True):
+            obs[e], reward, terminated, truncated, _ = envs[e].step(int(action))
+            returns[e] += float(reward)
+            if not (terminated or truncated):
+                still.append(e)
+        running = still
+    for env in envs:
+        env.close()
     return float(np.mean(returns))
 
 

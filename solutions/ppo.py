@@ -163,8 +163,8 @@ def evaluate(agent: ActorCritic, env_id: str, episodes: int, seed: int) -> float
     """Greedy mean return: the most likely action of the policy."""
 
     @torch.no_grad()
-    def act(obs):
-        return int(agent.actor(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax(-1))
+    def act(obs):                                      # a batch of observations -> their actions
+        return agent.actor(torch.as_tensor(obs, dtype=torch.float32)).argmax(-1).numpy()
 
     return evaluate_policy(act, env_id, episodes, seed)
 
@@ -201,7 +201,7 @@ class Run:
             torch.manual_seed(cfg.seed)
             self.agent = ActorCritic(obs_dim, self.envs.single_action_space.n, cfg.hidden)
             self.torch_rng = torch.get_rng_state()      # the run draws actions and minibatches from its own stream
-        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5)
+        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.lr, eps=1e-5, foreach=True)
         self.update, self.step, self.seconds = 0, 0, 0.0
         self.episode_return = np.zeros(cfg.num_envs)
         self.history = {"eval_step": [], "eval_return": [], "steps_to_target": None,

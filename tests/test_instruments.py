@@ -118,3 +118,24 @@ def test_evaluate_classifier_matches_a_direct_computation_and_restores_the_mode(
         logits = model(x)
     assert abs(got["loss"] - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-5
     assert got["accuracy"] == (logits.argmax(-1) == y).sum().item() / len(y)
+
+
+def test_evaluate_policy_runs_the_episodes_side_by_side_as_one_at_a_time_would():
+    """The batched evaluation gives each episode exactly the return of playing it alone with the same seed."""
+    gym = pytest.importorskip("gymnasium")
+
+    def lean(obs):                                    # a fixed policy: push towards the side the pole falls
+        return (obs[..., 2] > 0).astype(np.int64)
+
+    alone = []
+    for e in range(6):
+        env = gym.make("CartPole-v1")
+        obs, _ = env.reset(seed=100 + e)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(int(lean(obs)))
+            total += reward
+            done = terminated or truncated
+        alone.append(total)
+    assert len(set(alone)) > 1                        # episodes of different lengths leave the batch at different times
+    assert ins.evaluate_policy(lean, "CartPole-v1", 6, seed=100) == pytest.approx(np.mean(alone), abs=0)

@@ -48,6 +48,31 @@ def test_find_batch_equals_find_at_boundaries_zero_leaves_and_a_partly_filled_tr
     assert set(tree.find_batch(values)) <= {0, 2, 3, 4, 6}
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 7, 1000])
+def test_update_batch_leaves_the_same_tree_as_update_in_a_loop(capacity):
+    """Exactly the same floats, repeated indices included (the last priority of an index counts)."""
+    rng = np.random.default_rng(capacity)
+    looped, batched = rainbow.SumTree(capacity), rainbow.SumTree(capacity)
+    for i, p in enumerate(rng.uniform(0.1, 2.0, capacity)):
+        looped.update(i, p)
+        batched.update(i, p)
+    for _ in range(5):
+        indices = rng.integers(0, capacity, 64)             # a batch: with repeats
+        priorities = rng.uniform(0.0, 3.0, 64)
+        for i, p in zip(indices, priorities, strict=True):
+            looped.update(int(i), float(p))
+        batched.update_batch(indices, priorities)
+        assert np.array_equal(looped.tree, batched.tree)
+
+
+def test_greedy_actions_of_a_batch_are_the_greedy_acts_one_by_one():
+    """rainbow.evaluate plays its episodes as one batch: the same actions as act(..., greedy=True)."""
+    agent = rainbow.Agent(4, 2, rainbow.Config(seed=3))
+    obs = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    assert list(agent.greedy_actions(obs)) == [agent.act(o, 0, greedy=True) for o in obs]
+    assert agent.online.training                         # back in training mode (noise on) afterwards
+
+
 def test_sum_tree_sampling_frequencies_follow_priorities():
     rng = np.random.default_rng(0)
     priorities = np.array([1.0, 0.0, 3.0, 0.5, 5.5, 0.0, 2.0])
