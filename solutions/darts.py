@@ -506,7 +506,8 @@ def search(cfg: SearchConfig, data=None, log=None, progress: bool = False, mixed
     x_tr, y_tr, x_val, y_val = (t.to(device) for t in (x_tr, y_tr, x_val, y_val))
     model = SearchNetwork(cfg.c, 10, cfg.layers, cfg.steps, in_channels=x_tr.shape[1], primitives=cfg.primitives,
                           mixed_op_class=mixed_op_class).to(device)
-    w_opt = torch.optim.SGD(model.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay)
+    w_opt = torch.optim.SGD(model.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay,
+                            foreach=True)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.alpha_lr, betas=(0.5, 0.999),
                              weight_decay=cfg.alpha_weight_decay)
     steps_per_epoch = math.ceil(len(y_tr) / cfg.batch_size)
@@ -556,7 +557,7 @@ def train_discrete(genotype: Genotype, seed: int = 0, epochs: int = 20, c: int =
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = data if data is not None else shifted_digits_splits(0)
     x, y = torch.cat([x_tr, x_val]).to(device), torch.cat([y_tr, y_val]).to(device)
     model = DiscreteNetwork(genotype, c, 10, layers, in_channels=x.shape[1]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4, nesterov=True)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4, nesterov=True, foreach=True)
     steps = math.ceil(len(y) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
     g = torch.Generator().manual_seed(seed)

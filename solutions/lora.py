@@ -383,7 +383,7 @@ def train_causal_lm(model, tokenizer, task: ArithmeticTask, steps: int, lr: floa
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("学習するパラメータが 1 つもありません（requires_grad=True のパラメータがない）")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))

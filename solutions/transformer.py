@@ -394,7 +394,7 @@ def train_lm(model, corpus, steps, batch_size, block_size, lr, device="cpu", eva
     ``clip_norm``: the largest global gradient norm (None switches clipping off).
     """
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
 
     def lr_factor(s):  # s = 0, 1, ...: the factor of the step about to be taken

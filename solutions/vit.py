@@ -203,7 +203,7 @@ def train_vit(model, data, epochs, batch_size=64, lr=1e-3, device="cpu", augment
     """
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     steps_per_epoch = math.ceil(len(data.train_x) / batch_size)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
 
