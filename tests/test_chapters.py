@@ -148,10 +148,26 @@ def grade_as_a_reader(nb, chapter: str, tmp_path):
     return result, rows
 
 
+def exercise_cells(chapter) -> list[tuple[int, str]]:
+    """(cell index, exercise id) of every check(...) line, in notebook order."""
+    nb = nbformat.read(notebook_path(chapter), as_version=4)
+    return [(i, m[2]) for i, cell in enumerate(nb.cells)
+            if cell.cell_type == "code" and (m := CHECK_LINE.search(cell.source))]
+
+
+# Both grading runs end the saved notebook with an exercise's cell. What comes after the last exercise uses
+# the answers but grades nothing: it runs, with objects built from the same source, in the simulated Colab run
+# of every chapter (tests/test_colab.py), and each full run would cost a chapter's smoke time again.
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_filled_in_with_the_references_grades_all_pass(chapter, tmp_path):
-    """Strict mode (BOOK_STRICT=1): every answer passes and no other cell raises."""
-    result, _ = grade_as_a_reader(filled_in(chapter), chapter, tmp_path)
+    """Strict mode (BOOK_STRICT=1): every answer passes and no cell up to the last exercise raises."""
+    checks = exercise_cells(chapter)
+    assert {e for _, e in checks} == {ex.id for ex in list_exercises(chapter=chapter)}
+    nb = filled_in(chapter)
+    nb.cells = nb.cells[:checks[-1][0] + 1]
+    result, _ = grade_as_a_reader(nb, chapter, tmp_path)
     n = len(list_exercises(chapter=chapter))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"合計: {n} / {n} 合格" in result.stdout
@@ -159,20 +175,16 @@ def test_filled_in_with_the_references_grades_all_pass(chapter, tmp_path):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_one_broken_answer_fails_with_its_message_and_the_others_pass(chapter, tmp_path):
-    """The last answer broken (no later exercise is graded with the broken object). The saved notebook ends with
-    that answer's cell: the experiments after it ran in the all-pass test above, and each full run costs a
-    chapter's smoke time, which the test command's time limit has to hold nine times over."""
-    nb = nbformat.read(notebook_path(chapter), as_version=4)
-    checks = [(i, m[2]) for i, cell in enumerate(nb.cells)
-              if cell.cell_type == "code" and (m := CHECK_LINE.search(cell.source))]
-    last, broken = checks[-1]  # the last exercise in the notebook
-    exercises = list(dict.fromkeys(e for _, e in checks))
-    assert set(exercises) == {ex.id for ex in list_exercises(chapter=chapter)}
+def test_one_broken_answer_fails_with_its_message(chapter, tmp_path):
+    """The first answer in the notebook broken, the notebook saved up to its cell: that exercise fails with a
+    reason, the grade says the others never ran, and the command exits with 1."""
+    checks = exercise_cells(chapter)
+    first, broken = checks[0]
     nb = filled_in(chapter, broken)
-    nb.cells = nb.cells[:last + 1]
+    nb.cells = nb.cells[:first + 1]
     result, rows = grade_as_a_reader(nb, chapter, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "不合格" in rows[broken] and len(rows[broken].split(maxsplit=2)) == 3, rows[broken]  # with a reason
-    assert all("合格" in rows[e] and "不合格" not in rows[e] for e in exercises[:-1]), result.stdout
-    assert f"合計: {len(exercises) - 1} / {len(exercises)} 合格" in result.stdout
+    others = {e for _, e in checks} - {broken}
+    assert all("未実行" in rows[e] for e in others), result.stdout
+    assert f"合計: 0 / {len(others) + 1} 合格" in result.stdout
