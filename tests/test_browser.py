@@ -96,8 +96,20 @@ def screenshot(page, name):
 
 
 @pytest.mark.parametrize("doc", toc_files())
-def test_page_loads_in_japanese_without_errors(page, site, doc):
+def test_page_as_a_reader_opens_it(page, site, doc):
+    """One visit per page (each costs seconds of a loaded CPU): Japanese, images, no error, and on a
+    chapter's page its Colab and download buttons and its collapsed solutions."""
     page.goto(f"{site}/{doc}.html", wait_until="networkidle")
+    loads_in_japanese_without_errors(page)
+    screenshot(page, Path(doc).name)
+    chapter = Path(doc).name
+    if chapter in CHAPTERS:
+        opens_in_colab_and_downloads_as_a_notebook(page, chapter)
+        solutions_are_collapsed_until_the_reader_opens_them(page, chapter)
+    assert page.problems == [], page.problems
+
+
+def loads_in_japanese_without_errors(page):
     assert page.evaluate("document.documentElement.lang") == "ja"
     text = page.locator("article").first.inner_text()
     assert len(JAPANESE.findall(text)) > 200, text[:500]
@@ -106,12 +118,9 @@ def test_page_loads_in_japanese_without_errors(page, site, doc):
     boxes = page.locator("input[name=q]").evaluate_all("bs => bs.map(b => b.placeholder)")
     assert boxes and all(JAPANESE.search(b) for b in boxes), boxes  # the theme's own is "Search..."
     assert page.problems == [], page.problems
-    screenshot(page, Path(doc).name)
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS)
-def test_chapter_opens_in_colab_and_downloads_as_a_notebook(page, site, chapter):
-    page.goto(f"{site}/book/{chapter}.html", wait_until="load")
+def opens_in_colab_and_downloads_as_a_notebook(page, chapter):
     repo = CONFIG["repository"]["url"].removeprefix("https://github.com/")
     branch = CONFIG["repository"].get("branch", "main")
     colab = page.locator('a[href^="https://colab.research.google.com/"]').evaluate_all("as => as.map(a => a.href)")
@@ -120,14 +129,11 @@ def test_chapter_opens_in_colab_and_downloads_as_a_notebook(page, site, chapter)
     notebook = [h for h in downloads if h.endswith(f"_sources/book/{chapter}.ipynb")]
     assert len(notebook) == 1, downloads
     assert page.evaluate("url => fetch(url).then(r => r.status)", notebook[0]) == 200
-    assert page.problems == [], page.problems
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS)
-def test_solutions_are_collapsed_until_the_reader_opens_them(page, site, chapter):
+def solutions_are_collapsed_until_the_reader_opens_them(page, chapter):
     source = (ROOT / "lessons_src" / f"{chapter}.md").read_text(encoding="utf-8")
     solutions = len(re.findall(r"^show_solution\(", source, flags=re.M))  # the cells, not the prose mentioning it
-    page.goto(f"{site}/book/{chapter}.html", wait_until="load")
     collapsed = page.locator("div.cell.tag_hide-output details.hide")
     assert collapsed.count() == solutions > 0
     assert page.evaluate("[...document.querySelectorAll('div.tag_hide-output details')].every(d => !d.open)")
@@ -144,7 +150,6 @@ def test_solutions_are_collapsed_until_the_reader_opens_them(page, site, chapter
     if chapter == CHAPTERS[0]:
         details.scroll_into_view_if_needed()
         screenshot(page, "solution-opened")
-    assert page.problems == [], page.problems
 
 
 def test_math_is_typeset_by_the_mathjax_in_the_build(page, site):
