@@ -24,18 +24,20 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):
 # The order of the collected tests decides how pytest-xdist (worksteal) shares them: it hands the first
 # len/k tests to the first of k workers, the next share to the next, and an idle worker later takes tests
 # from the end of another's queue. So the long tests are shared out here, longest first, each to the share
-# with the least work so far (seconds measured in clean-clone runs on 2 cores, rounded up; a module whose tests
+# with the least work so far (seconds measured in whole runs on 2 cores; a module whose tests
 # share a module-scoped fixture stays in one share); the short ones fill the shares up to their sizes; the
 # book's tests, which need every chapter's simulated Colab run, come last.
-MODULE_SECONDS = {"test_rainbow_learning.py": 300, "test_lora_learning.py": 240, "test_darts_learning.py": 150,
-                  "test_transformer_learning.py": 130, "test_vit_learning.py": 100, "test_hpo_learning.py": 60,
-                  "test_hpo_storage.py": 60, "test_sam_learning.py": 40, "test_ppo_learning.py": 40,
-                  "test_quant_learning.py": 40}
-TEST_SECONDS = {"test_colab.py::test_runs_on_colab_from_its_first_cell": 50,
-                "test_colab.py::test_a_library_the_first_cell_omits": 25,
-                "test_colab.py::test_the_package_imports_only": 25,
-                "test_chapters.py::test_filled_in_with_the_references_grades_all_pass": 35,
-                "test_chapters.py::test_one_broken_answer_fails": 20}
+MODULE_SECONDS = {"test_rainbow_learning.py": 210, "test_lora_learning.py": 190, "test_darts_learning.py": 120,
+                  "test_transformer_learning.py": 105, "test_vit_learning.py": 100, "test_hpo_storage.py": 65,
+                  "test_hpo_learning.py": 25, "test_ppo_learning.py": 20, "test_quant_learning.py": 10,
+                  "test_sam_learning.py": 10}
+TEST_SECONDS = {"test_colab.py::test_runs_on_colab_from_its_first_cell[09_optuna]": 120,  # first match counts
+                "test_colab.py::test_runs_on_colab_from_its_first_cell[05_quantization]": 80,
+                "test_colab.py::test_runs_on_colab_from_its_first_cell": 45,
+                "test_colab.py::test_a_library_the_first_cell_omits": 15,
+                "test_colab.py::test_the_package_imports_only": 20,
+                "test_chapters.py::test_filled_in_with_the_references_grades_all_pass": 25,
+                "test_chapters.py::test_one_broken_answer_fails": 13}
 LAST = ("test_book_build.py", "test_browser.py")
 
 
