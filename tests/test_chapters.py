@@ -3,8 +3,8 @@
 Pairing with lessons_src/, Colab metadata and the first cell, the exercise template, the
 registry against the notebook's check(...) calls, and grading as a reader does it: every exercise
 filled in with its reference, saved and graded with `python -m solutions.grade` passes; with one
-answer broken, that one fails with its message. (Each chapter also runs as shipped, unanswered, in
-the smoke profile under nbval in a simulated Colab: tests/test_colab.py.)
+answer broken, that one fails with its message. (Each chapter also runs as shipped, unanswered and
+whole, in the smoke profile in a simulated Colab: tests/test_colab.py.)
 """
 
 import importlib
