@@ -371,9 +371,10 @@ class Agent:
             eps = self.cfg.eps_start + frac * (self.cfg.eps_end - self.cfg.eps_start)
             if self.rng.random() < eps:
                 return int(self.rng.integers(self.n_actions))
-        self.online.train(not greedy)                               # eval では雑音なし（平均の重み）
-        q = self.online.q_values(torch.as_tensor(obs, dtype=torch.float32)[None])
+        if greedy:                                                  # eval では雑音なし（平均の重み）
+            return int(self.greedy_actions(np.asarray(obs)[None])[0])
         self.online.train()
+        q = self.online.q_values(torch.as_tensor(obs, dtype=torch.float32)[None])
         return int(q.argmax(1).item())
 
     @torch.no_grad()
