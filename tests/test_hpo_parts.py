@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -28,6 +29,25 @@ def test_digits_splits_are_disjoint_and_cover_the_data():
     from sklearn.datasets import load_digits
 
     assert torch.cat([ya, yb, yc]).bincount().tolist() == np.bincount(load_digits().target).tolist()
+
+
+def test_digits_read_without_sklearn_are_sklearns_digits():
+    """The workers read the digits from the CSV file scikit-learn ships (no import of scikit-learn): the
+    same numbers, in the same order, as load_digits, and scikit-learn is not imported on the way."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    x, y = hpo._digits_arrays()
+    ref_x, ref_y = load_digits(return_X_y=True)
+    assert x.dtype == ref_x.dtype and y.dtype == ref_y.dtype
+    assert np.array_equal(x, ref_x) and np.array_equal(y, ref_y)
+    code = "import sys; from solutions import hpo; hpo.digits_splits(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(hpo.__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 def test_reference_objective_suggests_the_table_and_trains_with_every_value():
