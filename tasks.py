@@ -3,6 +3,7 @@
 
     python3 tasks.py build   # installs what it needs, executes every chapter, builds the HTML book
     python3 tasks.py test    # installs what it needs, runs the whole test suite (smoke profile)
+    python3 tasks.py install # only installs what the two others need (CI: beside apt's Chromium)
 
 Without an active virtual environment (or conda environment) both create ``.venv/`` here
 and run inside it; the pinned dependencies come from pyproject.toml and are installed
@@ -16,7 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -50,12 +50,10 @@ def ensure_dependencies() -> None:
     print("依存パッケージをインストールします（初回は数分かかります）…", flush=True)
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    # pip byte-compiles the installed modules one at a time (about 1.5 minutes for torch, transformers and the
-    # rest on 2 cores); compileall does the same work on every core. Its exit code is not checked: like pip,
-    # it meets a few files in the packages that are not meant to compile.
+    # No byte-compiling at install time: pip would compile all of the 16,000 modules installed (transformers
+    # alone has 2,900, of which the book imports under 200), about 50 s on 2 cores even in parallel. Python
+    # compiles a module the first time it is imported and keeps the .pyc (see main()).
     subprocess.run([*pip, "--no-compile", "-e", f"{ROOT}[local,dev]"], check=True)
-    for site in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
-        subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", site])
     stamp.touch()
 
 
@@ -171,7 +169,13 @@ def test() -> int:
                BOOK_PROFILE="smoke", OMP_NUM_THREADS="1")
 
 
-COMMANDS = {"build": build, "test": test}
+def install() -> int:
+    """Nothing beyond what every command does first: the environment and the pinned dependencies."""
+    print("依存パッケージはインストール済みです。")
+    return 0
+
+
+COMMANDS = {"build": build, "test": test, "install": install}
 
 
 def main() -> int:
@@ -181,6 +185,11 @@ def main() -> int:
     if sys.version_info < (3, 11):
         print(f"Python 3.11 以上が必要です（いまは {sys.version.split()[0]}）。", file=sys.stderr)
         return 2
+    # The commands start a hundred Python processes (test workers, kernels, the chapters' own workers), each
+    # importing torch: with PYTHONDONTWRITEBYTECODE set (some CI images set it) none would keep the compiled
+    # modules and every one would compile them again. The .pyc files go to .venv and this project's
+    # __pycache__ folders, which git ignores.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     ensure_environment()
     ensure_dependencies()
     start = time.perf_counter()
