@@ -493,6 +493,13 @@ def parameter_free_count(gene, reduction: bool = False) -> int:
     return sum(not has_parameters(name, j, reduction) for name, j in gene)
 
 
+def memory_layout(device) -> torch.memory_format:
+    """Channels last (each pixel's channels side by side in memory) on the CPU, where it makes the backward
+    pass of the depthwise 5×5 and dilated convolutions and max pooling 1.5-4× faster (a search step here:
+    2.8 s → 1.8 s); the same results up to rounding. PyTorch's default layout elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 def search(cfg: SearchConfig, data=None, log=None, progress: bool = False, mixed_op_class=None,
            architect=None, device="cpu") -> dict:
     """Alternate an architect step on a validation batch and a weight step on a training batch; record
@@ -503,9 +510,11 @@ def search(cfg: SearchConfig, data=None, log=None, progress: bool = False, mixed
 
     torch.manual_seed(cfg.seed)
     (x_tr, y_tr), (x_val, y_val), _ = data if data is not None else shifted_digits_splits(0)
-    x_tr, y_tr, x_val, y_val = (t.to(device) for t in (x_tr, y_tr, x_val, y_val))
+    layout = memory_layout(device)
+    x_tr, x_val = (t.to(device, memory_format=layout) for t in (x_tr, x_val))
+    y_tr, y_val = y_tr.to(device), y_val.to(device)
     model = SearchNetwork(cfg.c, 10, cfg.layers, cfg.steps, in_channels=x_tr.shape[1], primitives=cfg.primitives,
-                          mixed_op_class=mixed_op_class).to(device)
+                          mixed_op_class=mixed_op_class).to(device, memory_format=layout)
     w_opt = torch.optim.SGD(model.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay,
                             foreach=True)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.alpha_lr, betas=(0.5, 0.999),
@@ -555,8 +564,9 @@ def train_discrete(genotype: Genotype, seed: int = 0, epochs: int = 20, c: int =
 
     torch.manual_seed(seed)
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = data if data is not None else shifted_digits_splits(0)
-    x, y = torch.cat([x_tr, x_val]).to(device), torch.cat([y_tr, y_val]).to(device)
-    model = DiscreteNetwork(genotype, c, 10, layers, in_channels=x.shape[1]).to(device)
+    layout = memory_layout(device)
+    x, y = torch.cat([x_tr, x_val]).to(device, memory_format=layout), torch.cat([y_tr, y_val]).to(device)
+    model = DiscreteNetwork(genotype, c, 10, layers, in_channels=x.shape[1]).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4, nesterov=True, foreach=True)
     steps = math.ceil(len(y) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)

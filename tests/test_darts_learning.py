@@ -1,10 +1,10 @@
 """Chapter 8: a DARTS search at a CPU size finds a cell whose network, retrained from scratch, beats
 chance (10 %) by a wide margin on the shifted digits, and the search moves the alphas off uniform.
 
-Measured on the 2-core machine (2 threads): this 4-epoch search takes about 35 s, the mean entropy of
-the normal cell's edges falls 2.079 → 2.068, and its cell retrained for 10 epochs reaches 0.705 test
-accuracy (the chapter's 15-epoch searches retrained for 20 epochs: 0.74–0.85, see
-solutions/data/darts_retrain.csv).
+Measured on the 2-core AMD EPYC (one thread, the channels-last layout of darts.memory_layout): this
+4-epoch search takes about 55 s alone, the mean entropy of the normal cell's edges falls 2.079 → 2.069, and
+its cell retrained for 10 epochs (10 s) reaches 0.675 test accuracy (the chapter's 15-epoch searches
+retrained for 20 epochs: 0.74–0.85, see solutions/data/darts_retrain.csv).
 """
 
 import math
