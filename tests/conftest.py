@@ -27,11 +27,11 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):
 # with the least work so far (seconds measured in whole runs on 2 cores; a module whose tests
 # share a module-scoped fixture stays in one share); the short ones fill the shares up to their sizes; the
 # book's tests, which need every chapter's simulated Colab run, come last.
-MODULE_SECONDS = {"test_rainbow_learning.py": 210, "test_lora_learning.py": 190, "test_darts_learning.py": 120,
-                  "test_transformer_learning.py": 105, "test_vit_learning.py": 100, "test_hpo_storage.py": 65,
+MODULE_SECONDS = {"test_rainbow_learning.py": 210, "test_lora_learning.py": 190, "test_darts_learning.py": 80,
+                  "test_transformer_learning.py": 105, "test_vit_learning.py": 100, "test_hpo_storage.py": 50,
                   "test_hpo_learning.py": 25, "test_ppo_learning.py": 20, "test_quant_learning.py": 10,
                   "test_sam_learning.py": 10}
-TEST_SECONDS = {"test_colab.py::test_runs_on_colab_from_its_first_cell[09_optuna]": 120,  # first match counts
+TEST_SECONDS = {"test_colab.py::test_runs_on_colab_from_its_first_cell[09_optuna]": 95,  # first match counts
                 "test_colab.py::test_runs_on_colab_from_its_first_cell[05_quantization]": 80,
                 "test_colab.py::test_runs_on_colab_from_its_first_cell": 45,
                 "test_colab.py::test_a_library_the_first_cell_omits": 15,
