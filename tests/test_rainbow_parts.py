@@ -66,11 +66,24 @@ def test_update_batch_leaves_the_same_tree_as_update_in_a_loop(capacity):
 
 
 def test_greedy_actions_of_a_batch_are_the_greedy_acts_one_by_one():
-    """rainbow.evaluate plays its episodes as one batch: the same actions as act(..., greedy=True)."""
+    """rainbow.evaluate plays its episodes as one batch: the same actions as act(..., greedy=True), and both
+    are the argmax of the mean weights' Q-values, computed here apart from the eval branch (a copy of the
+    network in training mode with every noise sample set to zero, one observation at a time)."""
+    import copy
+
     agent = rainbow.Agent(4, 2, rainbow.Config(seed=3))
     obs = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
-    assert list(agent.greedy_actions(obs)) == [agent.act(o, 0, greedy=True) for o in obs]
+    batched = list(agent.greedy_actions(obs))
+    assert batched == [agent.act(o, 0, greedy=True) for o in obs]
     assert agent.online.training                         # back in training mode (noise on) afterwards
+    mean_net = copy.deepcopy(agent.online).train()
+    for layer in mean_net.modules():
+        if isinstance(layer, rainbow.NoisyLinear):
+            layer.weight_epsilon.zero_()
+            layer.bias_epsilon.zero_()
+    with torch.no_grad():
+        expected = [int(mean_net.q_values(torch.as_tensor(o)[None]).argmax(1)) for o in obs]
+    assert batched == expected and len(set(expected)) == 2   # both actions occur: not a constant policy
 
 
 def test_sum_tree_sampling_frequencies_follow_priorities():
